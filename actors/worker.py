@@ -1,0 +1,94 @@
+"""WindowWorker: a Ray actor that holds the model on its device and advances the windows it is sent.
+
+Thin by design: it loads the model once, keeps each job's window conditioning between steps, and calls
+``model.sampling.step_windows`` — the same function the single-device pipeline calls. Every call carries a
+reference to the job's conditioning inputs, so a restarted actor (Ray ``max_restarts``) rebuilds what it lost on
+its first retried call and the retry returns the same bits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from flashportrait.model.components import decode_latents
+from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline
+from flashportrait.model.sampling import JobConditioningInputs, WindowDenoiser, flow_matching_grid, step_windows
+from flashportrait.model.windows import Window
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    pid: int
+    node_id: str
+    device: str
+    preset: str
+
+
+class WindowWorker:
+    """Wrapped with ``ray.remote`` by ``actors.coordinator.WorkerPool`` (resources and restarts set there)."""
+
+    def __init__(self, preset: str, torch_threads: int | None = None) -> None:
+        from flashportrait.model import runtime
+
+        runtime.configure_threads(torch_threads)
+        gpu_ids = ray.get_gpu_ids()
+        self.device = "cuda" if gpu_ids and runtime.cuda_available() else "cpu"
+        self.pipeline = FlashPortraitPipeline.from_preset(preset)
+        self.pipeline.components.to(self.device)
+        self.preset = preset
+        self._jobs: dict[str, tuple[WindowDenoiser, object]] = {}
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.device, self.preset)
+
+    def _job(self, job_key: str, inputs: JobConditioningInputs, windows: list[Window]):
+        if job_key not in self._jobs:
+            denoiser = WindowDenoiser(self.pipeline.components, inputs, windows)
+            grid = flow_matching_grid(inputs.sampling.num_inference_steps, inputs.sampling.shift)
+            self._jobs[job_key] = (denoiser, grid)
+        return self._jobs[job_key]
+
+    def step(
+        self,
+        job_key: str,
+        inputs: JobConditioningInputs,
+        windows: list[Window],
+        step_index: int,
+        window_latents: dict[int, np.ndarray],
+    ) -> dict[int, np.ndarray]:
+        """Advance this worker's windows by one step; latents travel as numpy arrays (zero-copy in the store)."""
+        from flashportrait.model import runtime
+
+        denoiser, grid = self._job(job_key, inputs, windows)
+        try:
+            stepped = step_windows(denoiser, runtime.tensors_from_numpy(window_latents), grid, step_index)
+        except RuntimeError as exc:
+            if runtime.is_fatal_device_error(exc):
+                # A CUDA error or OOM leaves the device unusable; exit so Ray restarts a clean actor.
+                logger.error("fatal device error in job %s step %d: %s; exiting for restart", job_key, step_index, exc)
+                os._exit(1)
+            raise
+        return {k: v.numpy() for k, v in stepped.items()}
+
+    def transformer_calls(self, job_key: str) -> int:
+        job = self._jobs.get(job_key)
+        return job[0].transformer_calls if job else 0
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        from flashportrait.model import runtime
+
+        return decode_latents(self.pipeline.components, runtime.tensor_from_numpy(latents))
+
+    def release(self, job_key: str) -> bool:
+        job = self._jobs.pop(job_key, None)
+        if job is not None:
+            job[0].release()
+        return job is not None

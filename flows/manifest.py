@@ -1,0 +1,160 @@
+"""Manifest rows → validated ``Job`` values, or a failed row with a reason a user can act on.
+
+One row is one job: ``id``, ``reference`` (URL), ``driving`` (URL) and optional ``prompt``, ``seed``, ``steps``,
+``width``, ``height``, ``fps``. Relative URLs resolve against the manifest's own location. A bad row never sinks
+the batch: it becomes a ``JobFailure`` and the other rows render.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from flashportrait.infra.storage import resolve_url
+from flashportrait.infra.tables import ManifestRecord
+
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+KNOWN_FIELDS = ("id", "reference", "driving", "prompt", "seed", "steps", "width", "height", "fps")
+
+
+def _strict_int(value: Any, field: str) -> Any:
+    """Integers from JSON numbers or CSV digit strings; booleans, NaN and fractions are refused, never rounded."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field} must be an integer, got a boolean")
+    if isinstance(value, float):
+        if value != value or not value.is_integer():
+            raise ValueError(f"{field} must be an integer, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not re.fullmatch(r"[+-]?\d+", text):
+            raise ValueError(f"{field} must be an integer, got {value!r}")
+        return int(text)
+    return value
+
+
+class Job(BaseModel):
+    """One validated render job (URLs already resolved against the manifest)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    reference: str
+    driving: str
+    prompt: str = ""
+    seed: int = 42
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    line: int = 0
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        if not SAFE_ID.fullmatch(value):
+            raise ValueError(
+                f"id {value!r} is not a safe object name: use 1–128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("reference", "driving")
+    @classmethod
+    def _non_empty_url(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("URL is empty")
+        return value.strip()
+
+    @field_validator("seed", "steps", "width", "height", mode="before")
+    @classmethod
+    def _integers(cls, value: Any, info) -> Any:
+        return _strict_int(value, info.field_name)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int) -> int:
+        if not 0 <= value < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {value}")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_range(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 1000:
+            raise ValueError(f"steps must be between 1 and 1000, got {value}")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_16(cls, value: int | None, info) -> int | None:
+        if value is not None and (value < 16 or value % 16 or value > 4096):
+            raise ValueError(f"{info.field_name} must be a multiple of 16 between 16 and 4096, got {value}")
+        return value
+
+    @field_validator("fps", mode="before")
+    @classmethod
+    def _fps_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("fps must be a number, got a boolean")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"fps must be a number, got {value!r}") from None
+        if isinstance(value, float) and not 0 < value <= 240:
+            raise ValueError(f"fps must be in (0, 240], got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    id: str | None
+    line: int
+    reason: str
+
+
+def parse_jobs(records: list[ManifestRecord], manifest_url: str) -> tuple[list[Job], list[JobFailure]]:
+    """Validate every row; duplicates of an earlier id fail (the first one renders)."""
+    jobs: list[Job] = []
+    failures: list[JobFailure] = []
+    seen: dict[str, int] = {}
+    for record in records:
+        row_id = record.values.get("id") if record.values else None
+        row_id = str(row_id) if row_id is not None else None
+        if record.error is not None:
+            failures.append(JobFailure(row_id, record.line, record.error))
+            continue
+        job, reason = _validate(record, manifest_url)
+        if job is None:
+            failures.append(JobFailure(row_id, record.line, reason))
+        elif job.id in seen:
+            failures.append(JobFailure(job.id, record.line, f"line {record.line}: duplicate id {job.id!r} "
+                                                            f"(first on line {seen[job.id]}); ids must be unique"))
+        else:
+            seen[job.id] = record.line
+            jobs.append(job)
+    return jobs, failures
+
+
+def _validate(record: ManifestRecord, manifest_url: str) -> tuple[Job | None, str]:
+    values = {k: v for k, v in record.values.items() if k in KNOWN_FIELDS and v is not None and v != ""}
+    for key in ("reference", "driving"):
+        if isinstance(values.get(key), str) and values[key].strip():
+            values[key] = resolve_url(values[key].strip(), manifest_url)
+    try:
+        return Job(line=record.line, **values), ""
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {_message(e)}" for e in exc.errors())
+        return None, f"line {record.line}: {problems}"
+    except TypeError as exc:
+        return None, f"line {record.line}: {exc}"
+
+
+def _message(error: dict) -> str:
+    message = error["msg"]
+    return message.removeprefix("Value error, ")

@@ -1,0 +1,188 @@
+"""One flow-matching step for a set of windows — the single source of truth for denoising.
+
+The single-device pipeline calls ``step_windows`` for all windows in a loop; a Ray worker calls the same function
+for the windows it holds. Neither has denoising logic of its own, so both produce the same bits.
+
+A ``WindowDenoiser`` holds what a window needs for its whole sampling run (text/image context, the I2V condition,
+the window's expression tokens) and turns latents into a CFG-combined velocity; ``step_windows`` applies the Euler
+update x ← x + (σ_next − σ)·v on the grid of diffusers' ``FlowMatchEulerDiscreteScheduler``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from .components import (
+    TEMPORAL_COMPRESSION,
+    FlashPortraitComponents,
+    encode_i2v_condition,
+    encode_prompt,
+    encode_reference_image,
+)
+from .portrait_encoder import split_expression_tokens
+from .windows import Window
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_inference_steps: int
+    shift: float
+    emo_cfg_scale: float
+    text_cfg_scale: float
+    ip_scale: float
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be ≥ 1, got {self.num_inference_steps}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The transformer passes per window and step (official CFG table: 1, 2 or 3 passes)."""
+        emo, text = self.emo_cfg_scale > 1.0, self.text_cfg_scale != 1.0
+        if emo and text:
+            return ("cond", "no_expression", "negative")
+        if emo:
+            return ("cond", "no_expression")
+        if text:
+            return ("cond", "negative_text")
+        return ("cond",)
+
+
+@dataclass(frozen=True)
+class FlowMatchingGrid:
+    timesteps: torch.Tensor  # [S]
+    sigmas: torch.Tensor  # [S + 1], last = 0
+
+
+def flow_matching_grid(num_inference_steps: int, shift: float) -> FlowMatchingGrid:
+    """Timesteps and sigmas of diffusers' flow-matching Euler scheduler (static shift, as the official config)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(num_inference_steps)
+    return FlowMatchingGrid(scheduler.timesteps.clone(), scheduler.sigmas.clone())
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The job's whole-video noise, from one seeded CPU generator: the same bits on every machine."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class JobConditioningInputs:
+    """What a worker needs to condition its windows: small, picklable, the same for every worker of a job."""
+
+    reference: np.ndarray  # [H, W, 3] uint8, already at the model resolution
+    expression_features: np.ndarray  # [N_rgb, feature_dim] float32, N_rgb = 4(L−1)+1
+    prompt: str
+    negative_prompt: str
+    sampling: SamplingConfig
+
+
+class WindowDenoiser:
+    """Velocity of a window's latents under the job's conditioning, with the official CFG combinations."""
+
+    def __init__(self, components: FlashPortraitComponents, inputs: JobConditioningInputs, windows: Iterable[Window]):
+        self.components = components
+        self.inputs = inputs
+        self.windows = {w.index: w for w in windows}
+        self.sampling = inputs.sampling
+        self.context = encode_prompt(components, inputs.prompt)
+        needs_negative = any(s.startswith("negative") for s in self.sampling.streams)
+        self.negative_context = encode_prompt(components, inputs.negative_prompt) if needs_negative else None
+        self.image_context = encode_reference_image(components, inputs.reference)
+        self._condition_by_length: dict[int, torch.Tensor] = {}
+        self._tokens: dict[int, torch.Tensor] = {}
+        self.transformer_calls = 0
+
+    def condition(self, length: int) -> torch.Tensor:
+        if length not in self._condition_by_length:
+            self._condition_by_length[length] = encode_i2v_condition(self.components, self.inputs.reference, length)
+        return self._condition_by_length[length]
+
+    @torch.no_grad()
+    def expression_tokens(self, window: Window) -> torch.Tensor:
+        """The window's tokens [1, F, 4τ+1, C]: RGB frames [4·start, 4·(stop−1)] through the portrait encoder, then
+        grouped per latent frame — window-local latent 0 sees only RGB frame 4·start, as in the official code."""
+        if window.index not in self._tokens:
+            first, last = window.rgb_range
+            features = self.inputs.expression_features[first : last + 1]
+            features_t = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).unsqueeze(0)
+            tokens = self.components.portrait_encoder(features_t.to(self.components.device)).float().cpu()  # [1, F_rgb·τ, C]
+            tau = self.components.preset.portrait_encoder.tokens_per_frame
+            self._tokens[window.index] = split_expression_tokens(tokens, features.shape[0], tau)
+        return self._tokens[window.index]
+
+    @torch.no_grad()
+    def velocity(self, window_index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        window = self.windows[window_index]
+        dtype = self.components.dtype
+        device = self.components.device
+        model_input = torch.cat([latents, self.condition(window.length)], dim=1)  # [1, 36, F, h, w]
+        model_input = model_input.to(device=device, dtype=dtype)
+        tokens = self.expression_tokens(window).to(device)
+        t = timestep.reshape(1).to(device=device, dtype=dtype)
+        ip = self.sampling.ip_scale
+
+        def run(context: torch.Tensor, ip_scale: float) -> torch.Tensor:
+            self.transformer_calls += 1
+            out = self.components.transformer(
+                model_input, t, context.to(device, dtype), self.image_context.to(device, dtype),
+                expression_tokens=tokens, ip_scale=ip_scale, return_dict=False,
+            )[0]
+            return out.float().cpu()
+
+        streams = self.sampling.streams
+        cond = run(self.context, ip)
+        if streams == ("cond",):
+            return cond
+        emo, text = self.sampling.emo_cfg_scale, self.sampling.text_cfg_scale
+        if streams == ("cond", "no_expression"):
+            no_expr = run(self.context, 0.0)
+            return no_expr + emo * (cond - no_expr)
+        if streams == ("cond", "negative_text"):
+            neg_text = run(self.negative_context, ip)
+            return neg_text + text * (cond - neg_text)
+        no_expr = run(self.context, 0.0)
+        negative = run(self.negative_context, 0.0)
+        return negative + text * (no_expr - negative) + emo * (cond - no_expr)
+
+    def release(self) -> None:
+        self._tokens.clear()
+        self._condition_by_length.clear()
+
+
+def step_windows(
+    denoiser: WindowDenoiser,
+    window_latents: Mapping[int, torch.Tensor],
+    grid: FlowMatchingGrid,
+    step_index: int,
+) -> dict[int, torch.Tensor]:
+    """Advance each window's latents [1, z, F_w, h, w] by one Euler step of the flow-matching ODE (fp32 math)."""
+    timestep = grid.timesteps[step_index]
+    sigma, sigma_next = grid.sigmas[step_index], grid.sigmas[step_index + 1]
+    stepped = {}
+    for index in sorted(window_latents):
+        latents = window_latents[index].float()
+        velocity = denoiser.velocity(index, latents, timestep)
+        stepped[index] = latents + (sigma_next - sigma) * velocity
+    return stepped
+
+
+def num_latent_frames(num_rgb_frames: int) -> int:
+    if num_rgb_frames < 5 or (num_rgb_frames - 1) % TEMPORAL_COMPRESSION:
+        raise ValueError(
+            f"the driving clip has {num_rgb_frames} frames after resampling; need a count of the form 4k+1 ≥ 5 "
+            "(truncate with largest_4k_plus_1, or supply a longer clip)"
+        )
+    return (num_rgb_frames - 1) // TEMPORAL_COMPRESSION + 1

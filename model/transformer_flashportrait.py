@@ -1,0 +1,243 @@
+"""FlashPortrait transformer: Wan2.1-I2V with per-frame facial-expression cross-attention (arXiv 2512.16900).
+
+Reads like the paper, top to bottom:
+
+1. per-frame expression attention — the queries of latent frame f attend only to the expression tokens of frame f;
+2. the Normalized Facial Expression Block (NFEB) — that output is re-normalised to the scalar mean and unbiased std
+   of the (text + image) cross-attention output of the same block, over every token and channel of the window;
+3. the cross-attention processor that adds ``ip_scale`` × the normalised branch before the shared output projection;
+4. the model: diffusers' ``WanTransformer3DModel`` with ``emo_k_proj`` / ``emo_v_proj`` in every block's ``attn2``.
+
+Everything else (self-attention with RoPE, FFN, modulation, head) is diffusers' Wan code, imported, not copied.
+State-dict keys are diffusers' names plus ``blocks.{i}.attn2.emo_{k,v}_proj.weight``, the official file's
+``blocks.{i}.cross_attn.emo_{k,v}_proj.weight`` after diffusers' Wan key mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanTransformer3DModel,
+    _get_added_kv_projections,
+    _get_qkv_projections,
+)
+from torch import nn
+
+
+# Epsilon on the expression branch's std, as in the official NFEB.
+NFEB_EPS = 1e-5
+
+
+# 1. Per-frame expression attention ------------------------------------------------------------------------------
+def per_frame_expression_attention(
+    query: torch.Tensor, expression_key: torch.Tensor, expression_value: torch.Tensor
+) -> torch.Tensor:
+    """Attention of each latent frame's queries over that frame's expression tokens only.
+
+    Tokens are frame-major (f, h, w), so the query sequence splits into F equal runs of P = L // F tokens.
+    No mask: the zero rows the official token split appends to frame 0 take part in the softmax (their keys are 0
+    because the projections have no bias), exactly as the released weights were trained.
+
+    query:            [B, L, H, D]  (after ``norm_q``; no RoPE in cross-attention)
+    expression_key:   [B, F, G, H, D]
+    expression_value: [B, F, G, H, D]
+    returns           [B, L, H*D]
+    """
+    batch, seq_len, heads, head_dim = query.shape
+    frames, group = expression_key.shape[1], expression_key.shape[2]
+    if seq_len % frames:
+        raise ValueError(
+            f"per-frame expression attention: {seq_len} video tokens do not split into {frames} latent frames; "
+            "the expression tokens must cover exactly the window's latent frames"
+        )
+    tokens_per_frame = seq_len // frames
+    query_f = query.reshape(batch * frames, tokens_per_frame, heads, head_dim)  # [B*F, P, H, D]
+    key_f = expression_key.reshape(batch * frames, group, heads, head_dim)  # [B*F, G, H, D]
+    value_f = expression_value.reshape(batch * frames, group, heads, head_dim)
+    out = dispatch_attention_fn(query_f, key_f, value_f, attn_mask=None, dropout_p=0.0, is_causal=False)
+    return out.reshape(batch, seq_len, heads * head_dim).type_as(query)  # [B, L, H*D]
+
+
+# 2. Normalized Facial Expression Block ---------------------------------------------------------------------------
+def normalize_to_reference(expression: torch.Tensor, reference: torch.Tensor, eps: float = NFEB_EPS) -> torch.Tensor:
+    """NFEB: give the expression branch the scalar mean and unbiased std of the main cross-attention branch.
+
+    One (mean, std) pair per sample over all tokens and channels of the window, so the expression signal enters
+    at the scale the pretrained block expects whatever the magnitude of the new projections.
+
+    expression, reference: [B, L, C] → [B, L, C]
+    """
+    dims = tuple(range(1, expression.ndim))
+    mean_y = expression.mean(dim=dims, keepdim=True)
+    std_y = expression.std(dim=dims, keepdim=True, unbiased=True)
+    mean_x = reference.mean(dim=dims, keepdim=True)
+    std_x = reference.std(dim=dims, keepdim=True, unbiased=True)
+    return (expression - mean_y) * std_x / (std_y + eps) + mean_x
+
+
+# 3. Cross-attention processor -------------------------------------------------------------------------------------
+@dataclass
+class ExpressionInputs:
+    """What one forward call hands the processors: the window's grouped expression tokens and the branch gain."""
+
+    tokens: torch.Tensor | None = None  # [B, F, G, C_expr]
+    ip_scale: float = 1.0
+
+
+class FlashPortraitCrossAttnProcessor:
+    """Wan I2V cross-attention (text + image) plus the NFEB-normalised per-frame expression branch.
+
+    The model owns one ``ExpressionInputs`` and sets it around each forward; every block's processor reads it, so
+    diffusers' block and model ``forward`` stay untouched.
+    """
+
+    _attention_backend = None
+
+    def __init__(self, inputs: ExpressionInputs, text_len: int):
+        self.inputs = inputs
+        self.text_len = text_len
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        # Context = [image tokens, text tokens] (diffusers concatenates them in that order).
+        image_len = encoder_hidden_states.shape[1] - self.text_len
+        context_img = encoder_hidden_states[:, :image_len]
+        context_txt = encoder_hidden_states[:, image_len:]
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, context_txt)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, L, H, D]
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        # 3a. Text attention + image attention = the main branch X.
+        main = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        main = main.flatten(2, 3).type_as(query)  # [B, L, C]
+        if image_len > 0:
+            key_img, value_img = _get_added_kv_projections(attn, context_img)
+            key_img = attn.norm_added_k(key_img).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            image = dispatch_attention_fn(query, key_img, value_img, attn_mask=None, dropout_p=0.0, is_causal=False)
+            main = main + image.flatten(2, 3).type_as(query)
+
+        # 3b. Expression branch, normalised to X, added with ip_scale before the output projection.
+        tokens, ip_scale = self.inputs.tokens, self.inputs.ip_scale
+        out = main
+        if tokens is not None and ip_scale != 0.0:
+            tokens = tokens.to(dtype=attn.emo_k_proj.weight.dtype)
+            expr_key = attn.emo_k_proj(tokens).unflatten(-1, (attn.heads, -1))  # [B, F, G, H, D]
+            expr_value = attn.emo_v_proj(tokens).unflatten(-1, (attn.heads, -1))
+            expression = per_frame_expression_attention(query, expr_key, expr_value)
+            out = main + ip_scale * normalize_to_reference(expression, main)
+
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+# 4. Model ---------------------------------------------------------------------------------------------------------
+class FlashPortraitTransformer(WanTransformer3DModel):
+    """``WanTransformer3DModel`` (I2V) whose cross-attention also reads per-frame expression tokens.
+
+    Extra config: ``expression_dim`` (portrait-encoder token width, 2048 in the release) and ``text_len``
+    (text-context length; Wan pads T5 output to 512).
+    """
+
+    _no_split_modules = ["WanTransformerBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = 1280,
+        added_kv_proj_dim: int | None = 5120,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        expression_dim: int = 2048,
+        text_len: int = 512,
+    ) -> None:
+        # Defaults are the released Wan2.1-I2V-14B-720P + FlashPortrait dimensions.
+        super().__init__(
+            patch_size=patch_size,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            cross_attn_norm=cross_attn_norm,
+            qk_norm=qk_norm,
+            eps=eps,
+            image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim,
+            rope_max_seq_len=rope_max_seq_len,
+            pos_embed_seq_len=pos_embed_seq_len,
+        )
+        inner_dim = self.config.num_attention_heads * self.config.attention_head_dim
+        self._expression_inputs = ExpressionInputs()
+        for block in self.blocks:
+            attn = block.attn2
+            # Zero-initialised like the official model: a fresh branch adds nothing but the NFEB mean shift.
+            attn.emo_k_proj = nn.Linear(expression_dim, inner_dim, bias=False)
+            attn.emo_v_proj = nn.Linear(expression_dim, inner_dim, bias=False)
+            nn.init.zeros_(attn.emo_k_proj.weight)
+            nn.init.zeros_(attn.emo_v_proj.weight)
+            attn.set_processor(FlashPortraitCrossAttnProcessor(self._expression_inputs, text_len))
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        expression_tokens: torch.Tensor | None = None,
+        ip_scale: float = 1.0,
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+    ):
+        """Wan forward with expression tokens [B, F, G, expression_dim] for the window's F latent frames.
+
+        ``ip_scale=0`` (or no tokens) is exactly the plain Wan I2V cross-attention: the emotion-CFG
+        unconditional branch.
+        """
+        if expression_tokens is not None and expression_tokens.shape[1] != hidden_states.shape[2]:
+            raise ValueError(
+                f"expression_tokens cover {expression_tokens.shape[1]} latent frames but the latents have "
+                f"{hidden_states.shape[2]}; group the window's tokens with split_expression_tokens first"
+            )
+        self._expression_inputs.tokens = expression_tokens
+        self._expression_inputs.ip_scale = float(ip_scale)
+        try:
+            return super().forward(
+                hidden_states,
+                timestep,
+                encoder_hidden_states,
+                encoder_hidden_states_image,
+                return_dict=return_dict,
+                attention_kwargs=attention_kwargs,
+            )
+        finally:
+            self._expression_inputs.tokens = None
+            self._expression_inputs.ip_scale = 1.0
