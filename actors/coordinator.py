@@ -98,8 +98,11 @@ class RayDenoiseBackend:
         plan = request.window_plan(self.preset)
         inputs_ref = ray.put(request.conditioning_inputs(self.preset))
         steps = request.sampling_config(self.preset).num_inference_steps
-        shards = [(actor, shard) for actor, shard in zip(self.pool.actors, assign_windows(plan.windows,
-                                                                                      len(self.pool.actors))) if shard]
+        shards = [
+            (actor, shard)
+            for actor, shard in zip(self.pool.actors, assign_windows(plan.windows, len(self.pool.actors)))
+            if shard
+        ]
         job_key = uuid.uuid4().hex
         z = self.preset.vae["z_dim"]
         height, width = request.reference.shape[:2]
@@ -108,8 +111,9 @@ class RayDenoiseBackend:
         try:
             for step in range(steps):
                 refs = [
-                    actor.step.remote(job_key, inputs_ref, shard, step,
-                                      {w.index: latents[:, :, w.start : w.stop] for w in shard})
+                    actor.step.remote(
+                        job_key, inputs_ref, shard, step, {w.index: latents[:, :, w.start : w.stop] for w in shard}
+                    )
                     for actor, shard in shards
                 ]
                 t0 = time.perf_counter()
@@ -148,7 +152,9 @@ class RayDenoiseBackend:
             for part in ray.get(ready):
                 merged.update(part)
         except RayActorError as exc:
-            raise RuntimeError(f"job {job_key}: a worker died at step {step} and could not be restarted: {exc}") from exc
+            raise RuntimeError(
+                f"job {job_key}: a worker died at step {step} and could not be restarted: {exc}"
+            ) from exc
         return merged
 
 

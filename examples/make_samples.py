@@ -27,8 +27,13 @@ def main() -> None:
         video, _ = synthetic_driving_frames(frames, 128, seed=seed, fps=FPS)
         encode_video(HERE / name, iter(video), FPS, crf=20)
     rows = [
-        {"id": "astronaut-talk", "reference": "reference.png", "driving": "driving_talk.mp4",
-         "prompt": "The astronaut is talking", "seed": 7},
+        {
+            "id": "astronaut-talk",
+            "reference": "reference.png",
+            "driving": "driving_talk.mp4",
+            "prompt": "The astronaut is talking",
+            "seed": 7,
+        },
         {"id": "astronaut-short", "reference": "reference.png", "driving": "driving_short.mp4", "seed": 11},
     ]
     (HERE / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -26,18 +26,37 @@ EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="model preset (default: tiny — random weights, renders noise; see README)")
-    parser.add_argument("--workers", type=int, default=default_workers,
-                        help=f"Ray worker actors that share each video's windows; 0 = run in this process without "
-                             f"Ray (default: {default_workers})")
-    parser.add_argument("--ray-address", default=None,
-                        help="connect to a running Ray cluster (host:port or 'auto'; default: $RAY_ADDRESS, else "
-                             "start a local cluster)")
-    parser.add_argument("--extractor", default="pixel", choices=available_extractors(),
-                        help="expression feature extractor (default: pixel)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps (default: the preset's; a manifest row's 'steps' wins)")
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        choices=sorted(PRESETS),
+        help="model preset (default: tiny — random weights, renders noise; see README)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers,
+        help=f"Ray worker actors that share each video's windows; 0 = run in this process without "
+        f"Ray (default: {default_workers})",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="connect to a running Ray cluster (host:port or 'auto'; default: $RAY_ADDRESS, else "
+        "start a local cluster)",
+    )
+    parser.add_argument(
+        "--extractor",
+        default="pixel",
+        choices=available_extractors(),
+        help="expression feature extractor (default: pixel)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the preset's; a manifest row's 'steps' wins)",
+    )
     parser.add_argument("--crf", type=int, default=18, help="H.264 constant rate factor, 0–51 (default: 18)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -61,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--fps", type=float, default=None, help="output fps (default: the driving video's)")
     _common(one, default_workers=0)
 
-    many = sub.add_parser("batch", help="render a manifest through the Prefect flow",
-                          description="Render every row of a JSONL/CSV/Parquet manifest; write <out>/<id>.mp4, "
-                                      "<out>/<id>.json and <out>/report.{parquet,html}.")
+    many = sub.add_parser(
+        "batch",
+        help="render a manifest through the Prefect flow",
+        description="Render every row of a JSONL/CSV/Parquet manifest; write <out>/<id>.mp4, "
+        "<out>/<id>.json and <out>/report.{parquet,html}.",
+    )
     many.add_argument("manifest", help="manifest URL (.jsonl, .csv or .parquet)")
     many.add_argument("--out", required=True, help="output prefix URL")
     _common(many, default_workers=2)
@@ -94,17 +116,37 @@ def _settings(args: argparse.Namespace) -> render_module.RenderSettings:
         raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
     if not 0 <= args.crf <= 51:
         raise ValueError(f"--crf must be between 0 and 51, got {args.crf}")
-    return render_module.RenderSettings(preset=args.preset, extractor=args.extractor, workers=args.workers,
-                                        ray_address=args.ray_address, steps=args.steps, crf=args.crf)
+    return render_module.RenderSettings(
+        preset=args.preset,
+        extractor=args.extractor,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        steps=args.steps,
+        crf=args.crf,
+    )
 
 
 def _run_render(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    job = Job(id=args.id, reference=args.reference, driving=args.driving, prompt=args.prompt, seed=args.seed,
-              steps=args.steps, width=args.width, height=args.height, fps=args.fps, line=1)
+    job = Job(
+        id=args.id,
+        reference=args.reference,
+        driving=args.driving,
+        prompt=args.prompt,
+        seed=args.seed,
+        steps=args.steps,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        line=1,
+    )
     sidecar = args.out[: -len(".mp4")] + ".json" if args.out.endswith(".mp4") else args.out + ".json"
     with render_module.open_backend(settings) as backend:
-        result = render_module.render_job(job, args.out, sidecar, backend, settings)
+        try:
+            result = render_module.render_job(job, args.out, sidecar, backend, settings)
+        except Exception as exc:  # the job failed (bad media, storage error): not a usage error
+            print(f"flashportrait: render failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_ROWS_FAILED
     print(f"rendered {result.frames} frames at {result.fps:g} fps in {result.seconds_total:.1f} s")
     print(f"video:   {result.output}")
     print(f"sidecar: {result.sidecar}")
@@ -135,11 +177,15 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FLASHPORTRAIT_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("FLASHPORTRAIT_LOG_LEVEL", "WARNING"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.preset == "tiny":
-        print("note: preset 'tiny' has random weights — it exercises the whole system but renders noise, "
-              "not a portrait", file=sys.stderr)
+        print(
+            "note: preset 'tiny' has random weights — it exercises the whole system but renders noise, not a portrait",
+            file=sys.stderr,
+        )
     render_module.progress_sink = _ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
     try:
         return _run_render(args) if args.command == "render" else _run_batch(args)

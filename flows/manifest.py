@@ -133,8 +133,13 @@ def parse_jobs(records: list[ManifestRecord], manifest_url: str) -> tuple[list[J
         if job is None:
             failures.append(JobFailure(row_id, record.line, reason))
         elif job.id in seen:
-            failures.append(JobFailure(job.id, record.line, f"line {record.line}: duplicate id {job.id!r} "
-                                                            f"(first on line {seen[job.id]}); ids must be unique"))
+            failures.append(
+                JobFailure(
+                    job.id,
+                    record.line,
+                    f"line {record.line}: duplicate id {job.id!r} (first on line {seen[job.id]}); ids must be unique",
+                )
+            )
         else:
             seen[job.id] = record.line
             jobs.append(job)

@@ -139,8 +139,9 @@ def render_job(
             windows=result.stats.windows,
             extra={"reference_crop_box": list(reference.crop_box), "driving_fps": info.fps, **result.stats.extra},
         )
-        storage.write_bytes_atomic(sidecar_url, json.dumps(_sidecar(job, settings, outcome, request), indent=2)
-                                   .encode())
+        storage.write_bytes_atomic(
+            sidecar_url, json.dumps(_sidecar(job, settings, outcome, request), indent=2).encode()
+        )
     return outcome
 
 
@@ -243,8 +244,9 @@ def render_manifest(
 ) -> RunSummary:
     """Render every valid row of the manifest at ``manifest_url`` to ``output_prefix``; write the run report."""
     log = get_run_logger()
-    settings = RenderSettings(preset=preset, workers=workers, ray_address=ray_address, extractor=extractor,
-                              steps=steps)
+    settings = RenderSettings(
+        preset=preset, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps
+    )
     jobs, failures = read_manifest(manifest_url)
     results = [RenderResult.failed(f) for f in failures]
     if jobs:

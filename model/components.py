@@ -91,7 +91,9 @@ def build_components(preset: ModelPreset) -> FlashPortraitComponents:
             f"preset {preset.name!r} has no random initialisation; its weights must be loaded from checkpoints"
         )
     if preset.tokenizer != "bytes":
-        raise ValueError(f"preset {preset.name!r} needs tokenizer files ({preset.tokenizer}); load it from checkpoints")
+        raise ValueError(
+            f"preset {preset.name!r} needs tokenizer files ({preset.tokenizer}); load it from checkpoints"
+        )
     seed = preset.init_seed
 
     def seeded(offset: int) -> None:
@@ -153,7 +155,9 @@ def image_to_video_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_i2v_condition(components: FlashPortraitComponents, image: np.ndarray, num_latent_frames: int) -> torch.Tensor:
+def encode_i2v_condition(
+    components: FlashPortraitComponents, image: np.ndarray, num_latent_frames: int
+) -> torch.Tensor:
     """The I2V condition y [1, 4 + z, F, h, w]: the mask (1 on latent frame 0) and the VAE latents of the reference
     followed by 4(F−1) mid-grey frames, normalised with the VAE's latent mean/std.
 

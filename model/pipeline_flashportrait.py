@@ -125,7 +125,9 @@ class FlashPortraitPipeline:
         return cls(build_components(get_preset(name)))
 
     @torch.no_grad()
-    def denoise(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> tuple[torch.Tensor, int]:
+    def denoise(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Steps 1–4 of the recipe; returns the final latents and the number of transformer calls."""
         # 1. Check the request and lay the windows over the latent frames.
         request.check(self.preset)

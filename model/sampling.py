@@ -118,7 +118,9 @@ class WindowDenoiser:
             first, last = window.rgb_range
             features = self.inputs.expression_features[first : last + 1]
             features_t = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).unsqueeze(0)
-            tokens = self.components.portrait_encoder(features_t.to(self.components.device)).float().cpu()  # [1, F_rgb·τ, C]
+            tokens = (
+                self.components.portrait_encoder(features_t.to(self.components.device)).float().cpu()
+            )  # [1, F_rgb·τ, C]
             tau = self.components.preset.portrait_encoder.tokens_per_frame
             self._tokens[window.index] = split_expression_tokens(tokens, features.shape[0], tau)
         return self._tokens[window.index]
@@ -137,8 +139,13 @@ class WindowDenoiser:
         def run(context: torch.Tensor, ip_scale: float) -> torch.Tensor:
             self.transformer_calls += 1
             out = self.components.transformer(
-                model_input, t, context.to(device, dtype), self.image_context.to(device, dtype),
-                expression_tokens=tokens, ip_scale=ip_scale, return_dict=False,
+                model_input,
+                t,
+                context.to(device, dtype),
+                self.image_context.to(device, dtype),
+                expression_tokens=tokens,
+                ip_scale=ip_scale,
+                return_dict=False,
             )[0]
             return out.float().cpu()
 

@@ -54,8 +54,9 @@ def test_nfeb_matches_per_sample_mean_and_unbiased_std():
 
 def test_ip_scale_zero_equals_plain_wan_cross_attention():
     model = tiny_model()
-    config = {k: v for k, v in model.config.items() if k not in ("expression_dim", "text_len") and not
-              k.startswith("_")}
+    config = {
+        k: v for k, v in model.config.items() if k not in ("expression_dim", "text_len") and not k.startswith("_")
+    }
     plain = WanTransformer3DModel(**config).eval()
     state = {k: v for k, v in model.state_dict().items() if "emo_" not in k}
     assert plain.load_state_dict(state, strict=True)
@@ -64,8 +65,9 @@ def test_ip_scale_zero_equals_plain_wan_cross_attention():
     # diffusers hard-codes a 512-token text context when splitting [image, text]; pad ours to 512 with zero rows
     # for the plain model (zero text tokens are what Wan pads with) and compare against our processor, which
     # reads the text length from the config, on the same padded context.
-    padded = torch.cat([x["encoder_hidden_states"], torch.zeros(1, 512 - TINY.text_len, TINY.transformer["text_dim"])],
-                       dim=1)
+    padded = torch.cat(
+        [x["encoder_hidden_states"], torch.zeros(1, 512 - TINY.text_len, TINY.transformer["text_dim"])], dim=1
+    )
     for block in model.blocks:
         block.attn2.processor.text_len = 512
     with torch.no_grad():

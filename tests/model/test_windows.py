@@ -80,16 +80,18 @@ def test_blending_a_constant_gives_the_constant():
 
 def test_single_coverage_frames_keep_their_window_value_exactly():
     plan = plan_windows(12, 5, 2)
-    latents = _window_latents(plan, lambda w: torch.randn(1, 1, w.length, 2, 2, generator=torch.Generator()
-                                                          .manual_seed(w.index)))
+    latents = _window_latents(
+        plan, lambda w: torch.randn(1, 1, w.length, 2, 2, generator=torch.Generator().manual_seed(w.index))
+    )
     blended = blend_overlaps(plan, latents)
     assert torch.equal(blended[:, :, 0:3], latents[0][:, :, 0:3])
 
 
 def test_blend_is_independent_of_completion_order():
     plan = plan_windows(50, 9, 5)
-    latents = _window_latents(plan, lambda w: torch.randn(1, 4, w.length, 3, 5, generator=torch.Generator()
-                                                          .manual_seed(100 + w.index)))
+    latents = _window_latents(
+        plan, lambda w: torch.randn(1, 4, w.length, 3, 5, generator=torch.Generator().manual_seed(100 + w.index))
+    )
     reference = blend_overlaps(plan, latents)
     order = list(latents)
     for seed in range(5):
