@@ -17,7 +17,7 @@ import ray
 
 from flashportrait.model.components import decode_latents
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline
-from flashportrait.model.sampling import JobConditioningInputs, WindowDenoiser, flow_matching_grid, step_windows
+from flashportrait.model.sampling import JobConditioningInputs, WindowDenoiser, grid_for, step_windows
 from flashportrait.model.windows import Window
 
 
@@ -52,7 +52,7 @@ class WindowWorker:
     def _job(self, job_key: str, inputs: JobConditioningInputs, windows: list[Window]):
         if job_key not in self._jobs:
             denoiser = WindowDenoiser(self.pipeline.components, inputs, windows)
-            grid = flow_matching_grid(inputs.sampling.num_inference_steps, inputs.sampling.shift)
+            grid = grid_for(inputs.sampling)
             self._jobs[job_key] = (denoiser, grid)
         return self._jobs[job_key]
 

@@ -20,7 +20,7 @@ from .sampling import (
     JobConditioningInputs,
     SamplingConfig,
     WindowDenoiser,
-    flow_matching_grid,
+    grid_for,
     initial_noise,
     num_latent_frames,
     step_windows,
@@ -138,7 +138,7 @@ class FlashPortraitPipeline:
         # 3. One seeded noise tensor for the whole video.
         latents = initial_noise(request.seed, request.latent_shape(self.components, plan.num_latent_frames))
         # 4. Every timestep: advance every window once, then blend the overlaps.
-        grid = flow_matching_grid(inputs.sampling.num_inference_steps, inputs.sampling.shift)
+        grid = grid_for(inputs.sampling)
         total = inputs.sampling.num_inference_steps
         for step in range(total):
             slices = {w.index: latents[:, :, w.start : w.stop] for w in plan.windows}

@@ -39,12 +39,23 @@ class SamplingConfig:
     emo_cfg_scale: float
     text_cfg_scale: float
     ip_scale: float
+    # An explicit sigma grid (decreasing, without the final 0) replaces the shifted scheduler grid: the
+    # step-distilled 4-step path uses [1.0, 0.9375, 0.8333, 0.625].
+    sigmas: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be ≥ 1, got {self.num_inference_steps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if self.sigmas is not None:
+            if len(self.sigmas) != self.num_inference_steps:
+                raise ValueError(
+                    f"sigmas has {len(self.sigmas)} values but num_inference_steps is {self.num_inference_steps}; "
+                    "give one sigma per step"
+                )
+            if any(b >= a for a, b in zip(self.sigmas, self.sigmas[1:])) or not 0 < self.sigmas[-1] <= 1:
+                raise ValueError(f"sigmas must decrease within (0, 1], got {list(self.sigmas)}")
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -65,11 +76,21 @@ class FlowMatchingGrid:
     sigmas: torch.Tensor  # [S + 1], last = 0
 
 
-def flow_matching_grid(num_inference_steps: int, shift: float) -> FlowMatchingGrid:
-    """Timesteps and sigmas of diffusers' flow-matching Euler scheduler (static shift, as the official config)."""
+def flow_matching_grid(
+    num_inference_steps: int, shift: float, sigmas: tuple[float, ...] | None = None
+) -> FlowMatchingGrid:
+    """Timesteps and sigmas of diffusers' flow-matching Euler scheduler (static shift, as the official config),
+    or of an explicit sigma list (timesteps = σ·1000, final σ = 0)."""
+    if sigmas is not None:
+        sigma_t = torch.tensor([*sigmas, 0.0], dtype=torch.float32)
+        return FlowMatchingGrid(sigma_t[:-1] * 1000.0, sigma_t)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(num_inference_steps)
     return FlowMatchingGrid(scheduler.timesteps.clone(), scheduler.sigmas.clone())
+
+
+def grid_for(config: SamplingConfig) -> FlowMatchingGrid:
+    return flow_matching_grid(config.num_inference_steps, config.shift, config.sigmas)
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
