@@ -1,7 +1,8 @@
 """The ``flashportrait`` command: ``render`` one job, or ``batch`` a manifest through the Prefect flow.
 
-Exit codes: 0 every row rendered, 1 some rows failed (see the report), 2 unusable arguments or inputs that stop
-the whole run (unreadable manifest, unknown preset, unreachable Ray cluster).
+Exit codes: 0 every row rendered or already published, 1 some rows failed or were left unfinished (see the
+report), 2 unusable arguments or inputs that stop the whole run (unreadable manifest, unknown preset, unreachable
+Ray cluster), 143 stopped by SIGTERM (in-flight uploads aborted, report written).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -20,9 +22,17 @@ from flashportrait.model.presets import PRESETS
 
 from . import render as render_module
 from .manifest import Job
+from .publishing import JobOutputs
 
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_STOPPED = 128 + signal.SIGTERM  # the shell convention for "terminated by SIGTERM"
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM (a Prefect cancellation or an orchestrator's stop) into an exception in the main thread, so the
+    in-flight upload is aborted by its context manager and the report is still written."""
+    raise render_module.RunCancelled(f"received signal {signum}")
 
 
 def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
@@ -58,6 +68,11 @@ def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
         help="denoising steps (default: the preset's; a manifest row's 'steps' wins)",
     )
     parser.add_argument("--crf", type=int, default=18, help="H.264 constant rate factor, 0–51 (default: 18)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="re-render and replace outputs already published (default: skip rows published with the same job hash)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -143,10 +158,13 @@ def _run_render(args: argparse.Namespace) -> int:
     sidecar = args.out[: -len(".mp4")] + ".json" if args.out.endswith(".mp4") else args.out + ".json"
     with render_module.open_backend(settings) as backend:
         try:
-            result = render_module.render_job(job, args.out, sidecar, backend, settings)
+            result = render_module.render_job(job, JobOutputs(args.out, sidecar), backend, settings)
         except Exception as exc:  # the job failed (bad media, storage error): not a usage error
             print(f"flashportrait: render failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return EXIT_ROWS_FAILED
+    if result.status == "skipped":
+        print(f"skipped: {result.output} is already published with the same job hash (use --force to re-render)")
+        return EXIT_OK
     print(f"rendered {result.frames} frames at {result.fps:g} fps in {result.seconds_total:.1f} s")
     print(f"video:   {result.output}")
     print(f"sidecar: {result.sidecar}")
@@ -165,14 +183,20 @@ def _run_batch(args: argparse.Namespace) -> int:
         ray_address=settings.ray_address,
         extractor=settings.extractor,
         steps=settings.steps,
+        force=settings.force,
     )
-    print(f"rendered {summary.done} of {summary.done + summary.failed} row(s) from {summary.manifest}")
+    total = len(summary.results)
+    print(
+        f"{summary.done} rendered, {summary.skipped} skipped, {summary.failed} failed, {summary.unfinished} "
+        f"unfinished, {summary.cancelled} cancelled of {total} row(s) from {summary.manifest}"
+    )
     for row in summary.results:
-        where = row["output"] if row["status"] == "done" else row["reason"]
-        print(f"  [{row['status']:>6}] {row['id'] or '(line ' + str(row['line']) + ')'}: {where}")
+        where = row["output"] if row["status"] in ("done", "skipped") and not row["reason"] else row["reason"]
+        print(f"  [{row['status']:>10}] {row['id'] or '(line ' + str(row['line']) + ')'}: {where}")
     print(f"report:  {summary.report_html}")
     print(f"         {summary.report_parquet}")
-    return EXIT_OK if summary.failed == 0 else EXIT_ROWS_FAILED
+    ok = summary.failed == 0 and summary.complete
+    return EXIT_OK if ok else EXIT_ROWS_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,11 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     render_module.progress_sink = _ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return _run_render(args) if args.command == "render" else _run_batch(args)
     except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
         print(f"flashportrait: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (render_module.RunCancelled, KeyboardInterrupt):
+        print(
+            "flashportrait: stopped; in-flight uploads were aborted and the report lists the cancelled rows",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     finally:
         render_module.progress_sink = None
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 import flashportrait
 from flashportrait.actors.cluster import RayClusterSettings, connect
 from flashportrait.actors.coordinator import RayDenoiseBackend, WorkerPool, WorkerPoolSettings
+from flashportrait.actors.errors import BackendUnavailable
 from flashportrait.infra import storage, video_io
 from flashportrait.infra.images import fit_reference
 from flashportrait.infra.tables import read_manifest_records, write_report
@@ -34,6 +35,7 @@ from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, Ge
 from flashportrait.model.presets import get_preset
 
 from .manifest import Job, JobFailure, parse_jobs
+from .publishing import Existing, JobOutputs, PublishConflict, check_existing, job_hash, publish_outputs
 
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,28 @@ class RenderSettings(BaseModel):
     crf: int = 18
     encoder_preset: str = "medium"
     scratch_dir: str | None = None
+    force: bool = False  # re-render and replace outputs that are already published
+
+    def output_parameters(self) -> dict[str, Any]:
+        """The run-level settings that decide the output bits (they enter every job's hash)."""
+        preset = get_preset(self.preset)
+        return {
+            "preset": preset.name,
+            "preset_version": preset.version,
+            "extractor": self.extractor,
+            "steps": self.steps,
+            "crf": self.crf,
+            "encoder_preset": self.encoder_preset,
+        }
 
 
 @dataclass
 class RenderResult:
     id: str | None
     line: int
-    status: str  # "done" | "failed"
+    status: str  # one of STATUSES
     reason: str = ""
+    job_hash: str = ""
     output: str = ""
     sidecar: str = ""
     frames: int = 0
@@ -81,20 +97,48 @@ class RenderResult:
     def failed(cls, failure: JobFailure) -> RenderResult:
         return cls(failure.id, failure.line, "failed", failure.reason)
 
+    @classmethod
+    def not_run(cls, job: Job, status: str, reason: str) -> RenderResult:
+        return cls(job.id, job.line, status, reason)
+
+
+# done: published by this run (or found published with the same hash by a concurrent one); skipped: already
+# published with the same job hash before this run; failed: the row's own inputs/parameters/outputs are at fault;
+# unfinished: the cluster went away before the row ran (a re-run resumes it); cancelled: the run was stopped.
+STATUSES = ("done", "skipped", "failed", "unfinished", "cancelled")
+TERMINAL_FOR_MANIFEST = {"done", "skipped", "failed"}
+
 
 # One job --------------------------------------------------------------------------------------------------------
-def render_job(
-    job: Job,
-    output_url: str,
-    sidecar_url: str,
-    backend: Backend,
-    settings: RenderSettings,
-) -> RenderResult:
-    """Render ``job`` and publish ``output_url`` + ``sidecar_url``; nothing appears at either unless it succeeds."""
+def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: RenderSettings) -> RenderResult:
+    """Render ``job`` and publish its video and sidecar, unless they are already published with the same hash.
+
+    Nothing appears at either key unless it is complete (see ``flows.publishing``).
+    """
     started = time.perf_counter()
     preset = get_preset(settings.preset)
     width = job.width or preset.sampling.width
     height = job.height or preset.sampling.height
+    # 0. Identity: the same job hash means the same output bits; decide skip / refuse before any work.
+    fingerprints = {"reference": storage.fingerprint(job.reference), "driving": storage.fingerprint(job.driving)}
+    expected_hash = job_hash(job, settings.output_parameters(), fingerprints)
+    existing = check_existing(outputs, expected_hash)
+    if not settings.force:
+        if existing.state is Existing.SAME:
+            return RenderResult(
+                job.id,
+                job.line,
+                "skipped",
+                "already published with the same job hash",
+                job_hash=expected_hash,
+                output=outputs.video,
+                sidecar=outputs.sidecar,
+            )
+        if existing.state is Existing.DIFFERENT:
+            raise PublishConflict(
+                f"{outputs.sidecar} was published from other inputs or parameters (job hash "
+                f"{existing.published_hash}, this row has {expected_hash}); re-run with --force to replace it"
+            )
     with tempfile.TemporaryDirectory(prefix=f"fp-{job.id}-", dir=settings.scratch_dir) as scratch:
         scratch_dir = Path(scratch)
         # 1. Inputs, fetched by URL into the job's scratch directory.
@@ -117,21 +161,20 @@ def render_job(
             num_inference_steps=job.steps or settings.steps,
         )
         result = backend(request, progress=_job_progress(job.id))
-        # 5. Encode locally (faststart needs a seekable file), then publish atomically.
+        # 5. Encode locally (faststart needs a seekable file), then publish: video, then the sidecar.
         video_path = scratch_dir / "output.mp4"
         video_io.encode_video(video_path, iter(result.frames), fps, crf=settings.crf, preset=settings.encoder_preset)
-        storage.publish_file(video_path, output_url)
         outcome = RenderResult(
             id=job.id,
             line=job.line,
             status="done",
-            output=output_url,
-            sidecar=sidecar_url,
+            job_hash=expected_hash,
+            output=outputs.video,
+            sidecar=outputs.sidecar,
             frames=int(result.frames.shape[0]),
             fps=fps,
             width=width,
             height=height,
-            seconds_total=time.perf_counter() - started,
             seconds_denoising=result.stats.seconds_denoising,
             seconds_decoding=result.stats.seconds_decoding,
             seconds_orchestration=result.stats.seconds_orchestration,
@@ -139,9 +182,16 @@ def render_job(
             windows=result.stats.windows,
             extra={"reference_crop_box": list(reference.crop_box), "driving_fps": info.fps, **result.stats.extra},
         )
-        storage.write_bytes_atomic(
-            sidecar_url, json.dumps(_sidecar(job, settings, outcome, request), indent=2).encode()
+        outcome.seconds_total = time.perf_counter() - started
+        published = publish_outputs(
+            video_path,
+            _sidecar(job, settings, outcome, request, fingerprints),
+            outputs,
+            expected_hash,
+            force=settings.force,
         )
+        if published.by_concurrent_run:
+            outcome.reason = "already published by a concurrent run (same job hash)"
     return outcome
 
 
@@ -152,10 +202,14 @@ def _job_progress(job_id: str) -> Callable[[int, int], None] | None:
     return lambda done, total: sink(job_id, done, total)
 
 
-def _sidecar(job: Job, settings: RenderSettings, outcome: RenderResult, request: GenerationRequest) -> dict[str, Any]:
+def _sidecar(
+    job: Job, settings: RenderSettings, outcome: RenderResult, request: GenerationRequest, fingerprints: dict[str, str]
+) -> dict[str, Any]:
     preset = get_preset(settings.preset)
     return {
         "id": job.id,
+        "job_hash": outcome.job_hash,
+        "inputs": fingerprints,
         "flashportrait_version": flashportrait.__version__,
         "created_at": datetime.now(UTC).isoformat(),
         "model_preset": preset.name,
@@ -194,6 +248,10 @@ def open_backend(settings: RenderSettings) -> Iterator[Backend]:
 
 
 # Prefect --------------------------------------------------------------------------------------------------------
+class RunCancelled(Exception):
+    """Raised in the flow's thread when the process is asked to stop (SIGTERM, Prefect cancellation)."""
+
+
 @task(name="read-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def read_manifest(manifest_url: str) -> tuple[list[Job], list[JobFailure]]:
     records = read_manifest_records(manifest_url)
@@ -204,15 +262,16 @@ def read_manifest(manifest_url: str) -> tuple[list[Job], list[JobFailure]]:
 
 @task(name="render-job", cache_policy=NO_CACHE, task_run_name="render-{job.id}")
 def render_job_task(job: Job, output_prefix: str, backend: Backend, settings: RenderSettings) -> RenderResult:
+    """One row; its own failures become a failed row. A lost cluster propagates (the flow marks rows unfinished)."""
     log = get_run_logger()
-    output_url = storage.join_url(output_prefix, f"{job.id}.mp4")
-    sidecar_url = storage.join_url(output_prefix, f"{job.id}.json")
     try:
-        result = render_job(job, output_url, sidecar_url, backend, settings)
+        result = render_job(job, JobOutputs.under(output_prefix, job.id), backend, settings)
+    except (BackendUnavailable, RunCancelled, KeyboardInterrupt):
+        raise
     except Exception as exc:  # one bad job never sinks the batch; its reason goes to the report
         log.error("job %s (line %d) failed: %s", job.id, job.line, exc)
         return RenderResult(job.id, job.line, "failed", f"{type(exc).__name__}: {exc}")
-    log.info("job %s: %d frames in %.1f s → %s", job.id, result.frames, result.seconds_total, result.output)
+    log.info("job %s: %s %s", job.id, result.status, result.reason or f"in {result.seconds_total:.1f} s")
     return result
 
 
@@ -222,14 +281,77 @@ def write_run_report(results: list[RenderResult], output_prefix: str) -> tuple[s
     return write_report(rows, output_prefix)
 
 
+MANIFEST_MARKER = "_manifest.json"
+
+
+def manifest_output_prefix(output_root: str, manifest_url: str) -> str:
+    """Where a bulk render puts one manifest's outputs: ``<root>/<manifest file name without extension>``."""
+    name = manifest_url.rstrip("/").rsplit("/", 1)[-1]
+    return storage.join_url(output_root, name.split(".", 1)[0] or name)
+
+
+def is_manifest_rendered(manifest_url: str, output_prefix: str) -> bool:
+    """True when a run of this exact manifest version (its fingerprint) finished every row at ``output_prefix``."""
+    marker = storage.join_url(output_prefix, MANIFEST_MARKER)
+    if not storage.exists(marker):
+        return False
+    try:
+        recorded = json.loads(storage.read_bytes(marker))
+    except ValueError:
+        return False
+    return recorded.get("fingerprint") == storage.fingerprint(manifest_url)
+
+
+def _write_manifest_marker(manifest_url: str, output_prefix: str, results: list[RenderResult]) -> None:
+    counts = {status: sum(r.status == status for r in results) for status in STATUSES}
+    marker = {
+        "manifest": manifest_url,
+        "fingerprint": storage.fingerprint(manifest_url),
+        "rows": len(results),
+        "counts": counts,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    storage.write_bytes_atomic(storage.join_url(output_prefix, MANIFEST_MARKER), json.dumps(marker).encode())
+
+
 class RunSummary(BaseModel):
     manifest: str
     output_prefix: str
     done: int
+    skipped: int
     failed: int
+    unfinished: int
+    cancelled: int
     report_parquet: str
     report_html: str
     results: list[dict[str, Any]]
+
+    @property
+    def complete(self) -> bool:
+        """Every row reached done / skipped / failed (nothing left for a re-run except failures)."""
+        return self.unfinished == 0 and self.cancelled == 0
+
+
+def _render_rows(jobs: list[Job], output_prefix: str, settings: RenderSettings, results: list[RenderResult]) -> None:
+    """Render rows in manifest order into ``results``; a lost cluster or a stop request leaves the rest unfinished /
+    cancelled (appended before a stop request propagates, so the report still lists them)."""
+    log = get_run_logger()
+    remaining = list(jobs)
+    try:
+        with open_backend(settings) as backend:
+            while remaining:
+                results.append(render_job_task(remaining[0], output_prefix, backend, settings))
+                remaining.pop(0)
+    except BackendUnavailable as exc:
+        log.error("the render cluster is unavailable (%s); %d row(s) left unfinished", exc, len(remaining))
+        results += [RenderResult.not_run(j, "unfinished", f"cluster unavailable: {exc}") for j in remaining]
+    except (RunCancelled, KeyboardInterrupt):
+        log.warning("run stopped; %d row(s) cancelled", len(remaining))
+        results += [
+            RenderResult.not_run(j, "cancelled", "the run was stopped before this row finished") for j in remaining
+        ]
+        raise
+    return results
 
 
 @flow(name="render-manifest")
@@ -241,27 +363,40 @@ def render_manifest(
     ray_address: str | None = None,
     extractor: str = "pixel",
     steps: int | None = None,
+    force: bool = False,
 ) -> RunSummary:
-    """Render every valid row of the manifest at ``manifest_url`` to ``output_prefix``; write the run report."""
+    """Render every valid row of the manifest at ``manifest_url`` to ``output_prefix``; write the run report.
+
+    Idempotent: rows already published with the same job hash are skipped, so a re-run after a crash renders only
+    the rest, and a re-run of a finished manifest renders nothing (``force`` re-renders everything).
+    """
     log = get_run_logger()
     settings = RenderSettings(
-        preset=preset, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps
+        preset=preset, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps, force=force
     )
     jobs, failures = read_manifest(manifest_url)
     results = [RenderResult.failed(f) for f in failures]
-    if jobs:
-        with open_backend(settings) as backend:
-            for job in jobs:
-                results.append(render_job_task(job, output_prefix, backend, settings))
-    parquet_url, html_url = write_run_report(results, output_prefix)
-    done = sum(r.status == "done" for r in results)
-    log.info("rendered %d of %d row(s); report: %s", done, len(results), html_url)
-    return RunSummary(
+    try:
+        if jobs:
+            _render_rows(jobs, output_prefix, settings, results)
+    finally:
+        reported = {r.line for r in results}
+        results += [
+            RenderResult.not_run(j, "cancelled", "the run was stopped before this row started")
+            for j in jobs
+            if j.line not in reported
+        ]
+        parquet_url, html_url = write_run_report(results, output_prefix)
+    counts = {status: sum(r.status == status for r in results) for status in STATUSES}
+    summary = RunSummary(
         manifest=manifest_url,
         output_prefix=output_prefix,
-        done=done,
-        failed=len(results) - done,
+        **counts,
         report_parquet=parquet_url,
         report_html=html_url,
         results=[asdict(r) for r in sorted(results, key=lambda r: r.line)],
     )
+    if summary.complete:
+        _write_manifest_marker(manifest_url, output_prefix, results)
+    log.info("%s; report: %s", ", ".join(f"{n} {s}" for s, n in counts.items() if n), html_url)
+    return summary

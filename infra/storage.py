@@ -105,33 +105,64 @@ def download(url: str, dest: str | Path) -> Path:
 
 
 @contextmanager
-def atomic_write(url: str, *, exclusive: bool = False) -> Iterator[BinaryIO]:
+def atomic_write(
+    url: str, *, exclusive: bool = False, metadata: dict[str, str] | None = None
+) -> Iterator[BinaryIO]:
     """A writable binary file whose content appears at ``url`` only if the ``with`` block completes.
 
     On an exception nothing appears (no partial object, no pending multipart upload, no temp file). With
     ``exclusive=True`` a :class:`FileExistsError` naming ``url`` is raised if something already exists there, decided
-    by the storage itself at publish time, so of two racing writers exactly one wins.
+    by the storage itself at publish time, so of two racing writers exactly one wins. ``metadata`` becomes the
+    object's user metadata on object stores (read back with :func:`object_metadata`); local files have none.
     """
     fs, path = filesystem_for(url)
     if isinstance(fs, LocalFileSystem):
         writer = _local_atomic_write(Path(path), exclusive=exclusive, url=url)
     else:
-        writer = _remote_atomic_write(fs, path, url, exclusive=exclusive)
+        writer = _remote_atomic_write(fs, path, url, exclusive=exclusive, metadata=metadata)
     with _errors_name(url, "write"), writer as file:
         yield file
 
 
-def publish_file(local_path: str | Path, url: str, *, exclusive: bool = False) -> None:
+def publish_file(
+    local_path: str | Path, url: str, *, exclusive: bool = False, metadata: dict[str, str] | None = None
+) -> None:
     """Copy a finished local file to ``url`` through :func:`atomic_write`, streaming in chunks."""
-    with open(local_path, "rb") as source, atomic_write(url, exclusive=exclusive) as target:
+    with open(local_path, "rb") as source, atomic_write(url, exclusive=exclusive, metadata=metadata) as target:
         shutil.copyfileobj(source, target, COPY_CHUNK)
     logger.info("published %s to %s", local_path, url)
 
 
-def write_bytes_atomic(url: str, data: bytes, *, exclusive: bool = False) -> None:
+def write_bytes_atomic(
+    url: str, data: bytes, *, exclusive: bool = False, metadata: dict[str, str] | None = None
+) -> None:
     """Write ``data`` to ``url`` all-or-nothing (see :func:`atomic_write`)."""
-    with atomic_write(url, exclusive=exclusive) as target:
+    with atomic_write(url, exclusive=exclusive, metadata=metadata) as target:
         target.write(data)
+
+
+def object_metadata(url: str) -> dict[str, str]:
+    """The user metadata stored with the object at ``url`` (empty for local files, which carry none)."""
+    fs, path = filesystem_for(url)
+    if isinstance(fs, LocalFileSystem):
+        return {}
+    with _errors_name(url, "read metadata of"):
+        return {str(k).lower(): str(v) for k, v in fs.metadata(path, refresh=True).items()}
+
+
+def fingerprint(url: str) -> str:
+    """A cheap identity of the content at ``url``: the object store's ETag, else size and modification time.
+
+    Part of each job's hash, so a re-run notices when an input object was replaced under the same URL.
+    """
+    fs, path = filesystem_for(url)
+    with _errors_name(url, "stat"):
+        info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+    return f"size:{info.get('size')}:mtime:{mtime}"
 
 
 def list_prefix(url: str) -> list[str]:
@@ -204,9 +235,12 @@ def _publish_local(temp: Path, final: Path, *, exclusive: bool, url: str) -> Non
 
 
 @contextmanager
-def _remote_atomic_write(fs: fsspec.AbstractFileSystem, path: str, url: str, *, exclusive: bool) -> Iterator[BinaryIO]:
+def _remote_atomic_write(
+    fs: fsspec.AbstractFileSystem, path: str, url: str, *, exclusive: bool, metadata: dict[str, str] | None = None
+) -> Iterator[BinaryIO]:
     """Stream a multipart upload that is completed only on success and aborted otherwise."""
-    file = fs.open(path, "xb" if exclusive else "wb", block_size=PART_SIZE, autocommit=False)
+    extra = {"Metadata": dict(metadata)} if metadata else {}
+    file = fs.open(path, "xb" if exclusive else "wb", block_size=PART_SIZE, autocommit=False, **extra)
     if not isinstance(file, AbstractBufferedFile):
         file.close()
         raise ValueError(

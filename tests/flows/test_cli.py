@@ -76,7 +76,7 @@ def test_batch_exit_code_1_when_a_row_fails(tmp_path):
     proc = run("batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "0", "--steps", "1")
     assert proc.returncode == 1, proc.stderr
     assert (tmp_path / "out" / "ok.mp4").exists() and not (tmp_path / "out" / "bad.mp4").exists()
-    assert "[failed] bad" in proc.stdout
+    assert "failed] bad" in proc.stdout
 
 
 def test_render_of_a_broken_input_exits_1_and_writes_nothing(tmp_path):
