@@ -242,7 +242,7 @@ ASTRONAUT_SIZE = 512
 # Interocular distance (eye centre to eye centre) in source pixels: the unit of every expression displacement.
 ASTRONAUT_IOD = float(np.linalg.norm(ASTRONAUT_LANDMARKS[42:48].mean(0) - ASTRONAUT_LANDMARKS[36:42].mean(0)))
 
-MOUTH_MAX_DROP_IOD = 0.45  # mouth_open = 1 drops the lower lip by 0.45 IOD (~22 px in the 512² image)
+MOUTH_MAX_DROP_IOD = 0.35  # mouth_open = 1 drops the lower lip by 0.35 IOD (~17 px in the 512² image)
 # Fraction of the lower-lip drop each mouth point follows (upper lip rises a little; corners half-way and inwards).
 _MOUTH_DROP = {**dict.fromkeys((55, 56, 57, 58, 59, 65, 66, 67), 1.0), 48: 0.4, 54: 0.4, 60: 0.5, 64: 0.5}
 _MOUTH_DROP.update(dict.fromkeys((49, 50, 51, 52, 53, 61, 62, 63), -0.08))

@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -41,6 +43,7 @@ from .manifest import Job
 logger = logging.getLogger(__name__)
 
 JOB_HASH_METADATA_KEY = "flashportrait-job-hash"
+CONFLICT_SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def publish_outputs(
     return PublishOutcome(video_written, sidecar_written)
 
 
-def _create(url: str, expected_hash: str, force: bool, write) -> bool:
+def _create(url: str, expected_hash: str, force: bool, write: Callable[[bool], None]) -> bool:
     """Run ``write`` as a conditional create; a taken key is fine only if it holds the same job hash."""
     if force:
         write(False)
@@ -132,18 +135,33 @@ def _create(url: str, expected_hash: str, force: bool, write) -> bool:
         return True
     except FileExistsError:
         published = _published_hash(url)
-        if published == expected_hash:
-            logger.info("%s already holds this job's output (job hash %s…)", url, expected_hash[:12])
-            return False
-        if published is None and not url.endswith(".json"):
-            # A local video carries no metadata: it is a leftover of a run that died before its sidecar
-            # (the caller only renders when the sidecar is missing), so replace it.
-            write(False)
-            return True
-        raise PublishConflict(
-            f"{url} already holds output of job hash {published or 'unknown'}, not {expected_hash}; it was "
-            "published from other inputs or parameters. Re-run with --force to replace it."
-        ) from None
+    except OSError as error:
+        if "ConditionalRequestConflict" not in str(error) and "409" not in str(error):
+            raise
+        # S3 answers 409 when another conditional write to the key is in flight: let it land, then compare.
+        time.sleep(CONFLICT_SETTLE_S)
+        published = _published_hash(url) if storage.exists(url) else None
+        if published is None:
+            raise PublishConflict(
+                f"{url}: a concurrent conditional write was in flight and did not land; re-run the row"
+            ) from error
+    return _accept_existing(url, published, expected_hash, write)
+
+
+def _accept_existing(url: str, published: str | None, expected_hash: str, write: Callable[[bool], None]) -> bool:
+    """A taken key is fine only if it holds this job's hash; a metadata-less local video is a leftover to replace."""
+    if published == expected_hash:
+        logger.info("%s already holds this job's output (job hash %s…)", url, expected_hash[:12])
+        return False
+    if published is None and not url.endswith(".json") and storage.is_local(url):
+        # A local video carries no metadata: it is a leftover of a run that died before its sidecar
+        # (the caller only renders when the sidecar is missing), so replace it.
+        write(False)
+        return True
+    raise PublishConflict(
+        f"{url} already holds output of job hash {published or 'unknown'}, not {expected_hash}; it was "
+        "published from other inputs or parameters. Re-run with --force to replace it."
+    )
 
 
 def _published_hash(url: str) -> str | None:

@@ -141,6 +141,11 @@ def write_bytes_atomic(
         target.write(data)
 
 
+def is_local(url: str) -> bool:
+    """Whether ``url`` names a file on this machine (local files carry no object metadata)."""
+    return isinstance(filesystem_for(url)[0], LocalFileSystem)
+
+
 def object_metadata(url: str) -> dict[str, str]:
     """The user metadata stored with the object at ``url`` (empty for local files, which carry none)."""
     fs, path = filesystem_for(url)

@@ -6,11 +6,17 @@ for the windows it holds. Neither has denoising logic of its own, so both produc
 A ``WindowDenoiser`` holds what a window needs for its whole sampling run (text/image context, the I2V condition,
 the window's expression tokens) and turns latents into a CFG-combined velocity; ``step_windows`` applies the Euler
 update x ← x + (σ_next − σ)·v on the grid of diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+With Adaptive Latent Prediction (``SamplingConfig.alp``, ``model/alp.py``) the denoiser also holds each window's ALP
+state: on a predicted step every CFG stream of the window runs only the transformer's live path and the forecast
+residual features. The state is fed from the latents the window is given, i.e. the blended ones, so blending, ALP and
+distribution over workers commute.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from .alp import AdaptiveLatentPrediction, AlpPlan, AlpWindowStats
 from .components import (
     TEMPORAL_COMPRESSION,
     FlashPortraitComponents,
@@ -42,6 +49,8 @@ class SamplingConfig:
     # An explicit sigma grid (decreasing, without the final 0) replaces the shifted scheduler grid: the
     # step-distilled 4-step path uses [1.0, 0.9375, 0.8333, 0.625].
     sigmas: tuple[float, ...] | None = None
+    # Adaptive Latent Prediction resolved for this run (None = every step runs the transformer).
+    alp: AlpPlan | None = None
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -56,6 +65,11 @@ class SamplingConfig:
                 )
             if any(b >= a for a, b in zip(self.sigmas, self.sigmas[1:])) or not 0 < self.sigmas[-1] <= 1:
                 raise ValueError(f"sigmas must decrease within (0, 1], got {list(self.sigmas)}")
+        if self.alp is not None and self.alp.num_steps != self.num_inference_steps:
+            raise ValueError(
+                f"the ALP plan is for {self.alp.num_steps} steps but num_inference_steps is "
+                f"{self.num_inference_steps}; resolve the plan for this step count"
+            )
 
     @property
     def streams(self) -> tuple[str, ...]:
@@ -124,7 +138,12 @@ class WindowDenoiser:
         self.image_context = encode_reference_image(components, inputs.reference)
         self._condition_by_length: dict[int, torch.Tensor] = {}
         self._tokens: dict[int, torch.Tensor] = {}
-        self.transformer_calls = 0
+        self.transformer_calls = 0  # full transformer passes (an ALP-predicted pass runs no block and is not one)
+        self.alp: AdaptiveLatentPrediction | None = None
+        plan = self.sampling.alp
+        if plan is not None:
+            layout = components.transformer.enable_feature_sites(plan.config.granularity)
+            self.alp = AdaptiveLatentPrediction(plan, self.sampling.streams, layout, components.device)
 
     def condition(self, length: int) -> torch.Tensor:
         if length not in self._condition_by_length:
@@ -146,8 +165,23 @@ class WindowDenoiser:
             self._tokens[window.index] = split_expression_tokens(tokens, features.shape[0], tau)
         return self._tokens[window.index]
 
+    def stream_inputs(self, stream: str) -> tuple[torch.Tensor, float]:
+        """(text context, ip_scale) of a CFG stream: the no-expression streams switch the expression branch off."""
+        context = self.negative_context if stream.startswith("negative") else self.context
+        ip_scale = 0.0 if stream in ("no_expression", "negative") else self.sampling.ip_scale
+        return context, ip_scale
+
     @torch.no_grad()
-    def velocity(self, window_index: int, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        self,
+        window_index: int,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        step_index: int | None = None,
+        sigma: float | None = None,
+    ) -> torch.Tensor:
+        """CFG-combined velocity [1, z, F, h, w]. With ALP, ``step_index`` (and ``sigma`` for the σ coordinate)
+        place the call on the schedule; a predicted step forecasts every stream of the window."""
         window = self.windows[window_index]
         dtype = self.components.dtype
         device = self.components.device
@@ -155,39 +189,82 @@ class WindowDenoiser:
         model_input = model_input.to(device=device, dtype=dtype)
         tokens = self.expression_tokens(window).to(device)
         t = timestep.reshape(1).to(device=device, dtype=dtype)
-        ip = self.sampling.ip_scale
-
-        def run(context: torch.Tensor, ip_scale: float) -> torch.Tensor:
-            self.transformer_calls += 1
-            out = self.components.transformer(
+        alp, full, tau = None, True, 0.0
+        if self.alp is not None:
+            if step_index is None:
+                raise ValueError("ALP needs the step index of every velocity call; pass step_index")
+            alp = self.alp.window(window_index)
+            full = alp.is_full(step_index)
+            tau = float(step_index) if self.alp.plan.config.coordinate == "step" else float(sigma)
+        outputs = {}
+        seconds = 0.0
+        for stream in self.sampling.streams:
+            context, ip_scale = self.stream_inputs(stream)
+            cache = alp.call(stream, step_index, tau, full) if alp is not None else None
+            start = time.perf_counter()
+            out = self.transformer_pass(
+                window_index,
+                stream,
+                step_index,
                 model_input,
                 t,
                 context.to(device, dtype),
                 self.image_context.to(device, dtype),
                 expression_tokens=tokens,
                 ip_scale=ip_scale,
-                return_dict=False,
-            )[0]
-            return out.float().cpu()
+                feature_cache=cache,
+            )
+            outputs[stream] = out.float().cpu()
+            seconds += time.perf_counter() - start
+            self.transformer_calls += int(full)
+            if cache is not None:
+                alp.seconds_alp += cache.seconds
+        if alp is not None:
+            if full:
+                alp.seconds_full += seconds
+            else:
+                alp.seconds_predicted += seconds
+            alp.step_transformer_seconds = seconds
+            alp.finish_step(step_index, full)
+            self.alp.park(window_index)
+        return self.combine(outputs)
 
+    def transformer_pass(
+        self, window_index: int, stream: str, step_index: int | None, *args, **kwargs
+    ) -> torch.Tensor:
+        """One transformer call for one stream of one window (a seam for benchmarks that wrap each call)."""
+        return self.components.transformer(*args, return_dict=False, **kwargs)[0]
+
+    def combine(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The official CFG combinations of the streams' outputs."""
+        cond = outputs["cond"]
+        emo, text = self.sampling.emo_cfg_scale, self.sampling.text_cfg_scale
         streams = self.sampling.streams
-        cond = run(self.context, ip)
         if streams == ("cond",):
             return cond
-        emo, text = self.sampling.emo_cfg_scale, self.sampling.text_cfg_scale
         if streams == ("cond", "no_expression"):
-            no_expr = run(self.context, 0.0)
+            no_expr = outputs["no_expression"]
             return no_expr + emo * (cond - no_expr)
         if streams == ("cond", "negative_text"):
-            neg_text = run(self.negative_context, ip)
+            neg_text = outputs["negative_text"]
             return neg_text + text * (cond - neg_text)
-        no_expr = run(self.context, 0.0)
-        negative = run(self.negative_context, 0.0)
+        no_expr, negative = outputs["no_expression"], outputs["negative"]
         return negative + text * (no_expr - negative) + emo * (cond - no_expr)
+
+    def account_step(self, window_index: int, seconds: float) -> None:
+        """Book a window step's wall time: what the transformer did not take is 'other' (CFG, Euler, transfers)."""
+        if self.alp is not None:
+            state = self.alp.windows[window_index]
+            state.seconds_other += max(0.0, seconds - state.step_transformer_seconds)
+
+    def alp_window_stats(self) -> list[AlpWindowStats]:
+        return self.alp.window_stats() if self.alp is not None else []
 
     def release(self) -> None:
         self._tokens.clear()
         self._condition_by_length.clear()
+        if self.alp is not None:
+            self.alp.windows.clear()
 
 
 def step_windows(
@@ -201,9 +278,11 @@ def step_windows(
     sigma, sigma_next = grid.sigmas[step_index], grid.sigmas[step_index + 1]
     stepped = {}
     for index in sorted(window_latents):
+        start = time.perf_counter()
         latents = window_latents[index].float()
-        velocity = denoiser.velocity(index, latents, timestep)
+        velocity = denoiser.velocity(index, latents, timestep, step_index=step_index, sigma=float(sigma))
         stepped[index] = latents + (sigma_next - sigma) * velocity
+        denoiser.account_step(index, time.perf_counter() - start)
     return stepped
 
 

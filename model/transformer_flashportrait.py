@@ -6,7 +6,11 @@ Reads like the paper, top to bottom:
 2. the Normalized Facial Expression Block (NFEB) — that output is re-normalised to the scalar mean and unbiased std
    of the (text + image) cross-attention output of the same block, over every token and channel of the window;
 3. the cross-attention processor that adds ``ip_scale`` × the normalised branch before the shared output projection;
-4. the model: diffusers' ``WanTransformer3DModel`` with ``emo_k_proj`` / ``emo_v_proj`` in every block's ``attn2``.
+4. the model: diffusers' ``WanTransformer3DModel`` with ``emo_k_proj`` / ``emo_v_proj`` in every block's ``attn2``;
+5. feature sites for Adaptive Latent Prediction (``model/alp.py``): diffusers ``ModelHook``s on the blocks (or on
+   their attn1/attn2/FFN modules) that record residual features on full calls and substitute forecasts on predicted
+   calls, so the cheap live path (patch embedding, time/text/image embeddings, gates, ``norm_out``/``proj_out``)
+   still runs at the current x and t.
 
 Everything else (self-attention with RoPE, FFN, modulation, head) is diffusers' Wan code, imported, not copied.
 State-dict keys are diffusers' names plus ``blocks.{i}.attn2.emo_{k,v}_proj.weight``, the official file's
@@ -15,10 +19,12 @@ State-dict keys are diffusers' names plus ``blocks.{i}.attn2.emo_{k,v}_proj.weig
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
@@ -197,6 +203,7 @@ class FlashPortraitTransformer(WanTransformer3DModel):
         )
         inner_dim = self.config.num_attention_heads * self.config.attention_head_dim
         self._expression_inputs = ExpressionInputs()
+        self._feature_call = _FeatureCall()
         for block in self.blocks:
             attn = block.attn2
             # Zero-initialised like the official model: a fresh branch adds nothing but the NFEB mean shift.
@@ -216,19 +223,24 @@ class FlashPortraitTransformer(WanTransformer3DModel):
         ip_scale: float = 1.0,
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
+        feature_cache: FeatureCache | None = None,
     ):
         """Wan forward with expression tokens [B, F, G, expression_dim] for the window's F latent frames.
 
         ``ip_scale=0`` (or no tokens) is exactly the plain Wan I2V cross-attention: the emotion-CFG
-        unconditional branch.
+        unconditional branch. ``feature_cache`` (ALP) records the feature sites installed by
+        ``enable_feature_sites`` on a full call, or forecasts them on a predicted call.
         """
         if expression_tokens is not None and expression_tokens.shape[1] != hidden_states.shape[2]:
             raise ValueError(
                 f"expression_tokens cover {expression_tokens.shape[1]} latent frames but the latents have "
                 f"{hidden_states.shape[2]}; group the window's tokens with split_expression_tokens first"
             )
+        if feature_cache is not None and self._feature_call.layout is None:
+            raise ValueError("a feature_cache needs feature sites: call enable_feature_sites(granularity) first")
         self._expression_inputs.tokens = expression_tokens
         self._expression_inputs.ip_scale = float(ip_scale)
+        self._feature_call.cache = feature_cache
         try:
             return super().forward(
                 hidden_states,
@@ -241,3 +253,152 @@ class FlashPortraitTransformer(WanTransformer3DModel):
         finally:
             self._expression_inputs.tokens = None
             self._expression_inputs.ip_scale = 1.0
+            self._feature_call.cache = None
+            self._feature_call.group_inputs.clear()
+
+    def enable_feature_sites(self, granularity: str) -> FeatureSiteLayout:
+        """Install (once per granularity) the hooks that let a ``feature_cache`` record or forecast features.
+
+        Without a ``feature_cache`` in the call the hooks only forward to the original modules, so the output is
+        the same bits as with no hooks installed.
+        """
+        layout = feature_site_layout(granularity, len(self.blocks))
+        if self._feature_call.layout == layout:
+            return layout
+        if self._feature_call.layout is not None:
+            HookRegistry.check_if_exists_or_initialize(self).remove_hook(_FEATURE_HOOK, recurse=True)
+        for site, (kind, start, stop) in enumerate(zip(layout.kinds, layout.starts, layout.stops)):
+            if kind == "stack":
+                for index in range(start, stop):
+                    hook = _BlockGroupHook(self._feature_call, site, index == start, index == stop - 1)
+                    HookRegistry.check_if_exists_or_initialize(self.blocks[index]).register_hook(hook, _FEATURE_HOOK)
+            else:
+                module = getattr(self.blocks[start], kind)
+                hook = _ModuleOutputHook(self._feature_call, site)
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _FEATURE_HOOK)
+        self._feature_call.layout = layout
+        return layout
+
+
+# 5. Feature sites for Adaptive Latent Prediction ------------------------------------------------------------------
+_FEATURE_HOOK = "flashportrait_feature_sites"
+MODULE_KINDS = ("attn1", "attn2", "ffn")
+
+
+class FeatureCache(Protocol):
+    """ALP's side of one transformer call: on a full call every site's feature is recorded, on a predicted call
+    every site is forecast (and the blocks it stands for are skipped)."""
+
+    forecasting: bool
+
+    def record(self, site: int, feature: torch.Tensor) -> None: ...
+
+    def forecast(self, site: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class FeatureSiteLayout:
+    """Which features ALP forecasts. Site s covers blocks [starts[s], stops[s]); ``kinds[s]`` is ``"stack"`` for a
+    residual R = h_stop − h_start of a block group, or ``attn1``/``attn2``/``ffn`` for that module's output (before
+    its gate) in block ``starts[s]``. The layer gain w(l, i) compares sites of the same kind."""
+
+    granularity: str
+    kinds: tuple[str, ...]
+    starts: tuple[int, ...]
+    stops: tuple[int, ...]
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.kinds)
+
+
+def feature_site_layout(granularity: str, num_layers: int) -> FeatureSiteLayout:
+    """``stack`` (one residual for all blocks), ``groups:G`` (G contiguous groups whose sizes differ by ≤ 1),
+    ``block`` (one residual per block) or ``module`` (attn1, attn2 and FFN outputs of every block)."""
+    if granularity == "module":
+        sites = [(kind, b, b + 1) for b in range(num_layers) for kind in MODULE_KINDS]
+    else:
+        groups = _num_groups(granularity, num_layers)
+        bounds = [round(g * num_layers / groups) for g in range(groups + 1)]
+        sites = [("stack", bounds[g], bounds[g + 1]) for g in range(groups)]
+    kinds, starts, stops = zip(*sites)
+    return FeatureSiteLayout(granularity, kinds, starts, stops)
+
+
+def check_granularity(granularity: str) -> None:
+    """Raise on a granularity that no model could have (the block count is checked when sites are installed)."""
+    if granularity in ("stack", "block", "module"):
+        return
+    name, _, count = granularity.partition(":")
+    if name != "groups" or not count.isdigit() or int(count) < 1:
+        raise ValueError(
+            f"unknown ALP granularity {granularity!r}; use 'stack', 'groups:G' (G ≥ 1 block groups), 'block' or "
+            "'module'"
+        )
+
+
+def _num_groups(granularity: str, num_layers: int) -> int:
+    check_granularity(granularity)
+    if granularity == "stack":
+        return 1
+    if granularity == "block":
+        return num_layers
+    count = granularity.partition(":")[2]
+    if int(count) > num_layers:
+        raise ValueError(
+            f"granularity {granularity!r} asks for {count} block groups but the transformer has {num_layers} blocks; "
+            f"use at most groups:{num_layers} (or 'block')"
+        )
+    return int(count)
+
+
+@dataclass
+class _FeatureCall:
+    """What the hooks of one forward call share: the cache, and each open group's input h_start."""
+
+    cache: FeatureCache | None = None
+    layout: FeatureSiteLayout | None = None
+    group_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class _BlockGroupHook(ModelHook):
+    """On every block of group ``site``: full call — record R = h_out(last) − h_in(first); predicted call — the
+    first block returns h + R̂, the others return their input (skipped)."""
+
+    def __init__(self, call: _FeatureCall, site: int, first: bool, last: bool):
+        super().__init__()
+        self.call, self.site, self.first, self.last = call, site, first, last
+
+    def new_forward(self, module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        cache = self.call.cache
+        if cache is None:
+            return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        if cache.forecasting:
+            if not self.first:
+                return hidden_states
+            return (hidden_states.float() + cache.forecast(self.site)).type_as(hidden_states)  # [B, L, C]
+        if self.first:
+            self.call.group_inputs[self.site] = hidden_states
+        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        if self.last:
+            cache.record(self.site, out.float() - self.call.group_inputs.pop(self.site).float())
+        return out
+
+
+class _ModuleOutputHook(ModelHook):
+    """On a block's attn1 / attn2 / FFN: record its output (the block applies the gates at the current t
+    afterwards), or return the forecast instead of computing it."""
+
+    def __init__(self, call: _FeatureCall, site: int):
+        super().__init__()
+        self.call, self.site = call, site
+
+    def new_forward(self, module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        cache = self.call.cache
+        if cache is None:
+            return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        if cache.forecasting:
+            return cache.forecast(self.site).to(hidden_states.dtype)  # [B, L, C]
+        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        cache.record(self.site, out)
+        return out
