@@ -1,4 +1,5 @@
-"""The ``flashportrait`` command: ``render`` one job, or ``batch`` a manifest through the Prefect flow.
+"""The ``flashportrait`` command: ``render`` one job, or ``batch`` a manifest through the Prefect flow; ``deploy`` /
+``serve`` the production deployments and ``watch`` an S3 prefix for new manifests (see docs/self-hosted.md).
 
 Exit codes: 0 every row rendered or already published, 1 some rows failed or were left unfinished (see the
 report), 2 unusable arguments or inputs that stop the whole run (unreadable manifest, unknown preset, unreachable
@@ -12,17 +13,23 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 from tqdm import tqdm
 
 from flashportrait.infra import storage
+from flashportrait.infra.limits import Limits, env_name, flag
+from flashportrait.infra.redact import redact
 from flashportrait.model.expression import available_extractors
 from flashportrait.model.presets import PRESETS
 
+from . import deployments
 from . import render as render_module
 from .manifest import Job
 from .publishing import JobOutputs
+from .watcher import MODES, STATE_NAME, ManifestVersion, ManifestWatcher
 
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
@@ -74,6 +81,48 @@ def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
         help="re-render and replace outputs already published (default: skip rows published with the same job hash)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    guard = parser.add_argument_group(
+        "input policy and limits",
+        "What rows may point at, and the resource limits enforced before decoding. Every limit can also be set with "
+        "the environment variable FLASHPORTRAIT_<NAME> (e.g. FLASHPORTRAIT_MAX_INPUT_PIXELS); flags win.",
+    )
+    guard.add_argument(
+        "--allow-scheme",
+        action="append",
+        default=None,
+        metavar="SCHEME",
+        help="URL scheme rows may use (repeatable; default: s3 and file). http/https also need --allow-http-host",
+    )
+    guard.add_argument(
+        "--allow-http-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="host that http(s) inputs may come from (repeatable; default: none)",
+    )
+    guard.add_argument(
+        "--allow-local-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder local inputs may live in besides the manifest's own folder (repeatable)",
+    )
+    guard.add_argument(
+        "--allow-prefix",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="if given, remote inputs must start with one of these prefixes (repeatable)",
+    )
+    defaults = Limits()
+    for f in fields(Limits):
+        guard.add_argument(
+            f"--{flag(f.name)}",
+            type=type(getattr(defaults, f.name)),
+            default=None,
+            metavar="N",
+            help=f"limit {f.name} (default {getattr(defaults, f.name)}; env {env_name(f.name)})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +153,86 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("manifest", help="manifest URL (.jsonl, .csv or .parquet)")
     many.add_argument("--out", required=True, help="output prefix URL")
     _common(many, default_workers=2)
+    _add_deployment_commands(sub)
     return parser
+
+
+def _deployment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-prefix", required=True, help="URL of the folder holding manifests (s3://bucket/in/)")
+    parser.add_argument(
+        "--output-root",
+        required=True,
+        help="URL under which each manifest renders to <root>/<manifest name>; must lie outside the input prefix",
+    )
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    parser.add_argument(
+        "--alp",
+        default=None,
+        help="adaptive latent prediction preset passed to render-manifest (default: none; refused until "
+        "render-manifest supports it)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="Ray worker actors per video; 0 = no Ray (default: 2)")
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster the runs join (default: $RAY_ADDRESS of the process running the flow, else a local one)",
+    )
+    parser.add_argument("--extractor", default="pixel", choices=available_extractors(), help="(default: pixel)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    parser.add_argument(
+        "--cron",
+        default=deployments.DEFAULT_CRON,
+        help=f"bulk-render schedule, five cron fields (default: '{deployments.DEFAULT_CRON}')",
+    )
+    parser.add_argument(
+        "--timezone",
+        default=deployments.DEFAULT_TIMEZONE,
+        help=f"IANA time zone of --cron, e.g. Europe/Berlin (default: {deployments.DEFAULT_TIMEZONE})",
+    )
+
+
+def _add_deployment_commands(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser(
+        "deploy",
+        help="register the bulk-render and render-manifest deployments with a Prefect server",
+        description="Register bulk-render (cron) and render-manifest (event trigger) on $PREFECT_API_URL for the "
+        "workers of a work pool (a missing pool is created as a process pool).",
+    )
+    _deployment_options(deploy)
+    deploy.add_argument(
+        "--pool", default=deployments.DEFAULT_WORK_POOL, help=f"work pool (default: {deployments.DEFAULT_WORK_POOL})"
+    )
+    deploy.add_argument(
+        "--image", default=None, help="container image with flashportrait installed, for Kubernetes/Docker pools"
+    )
+
+    serve = sub.add_parser(
+        "serve",
+        help="register both deployments and run their flow runs from this process",
+        description="Register bulk-render and render-manifest on $PREFECT_API_URL and execute their runs in "
+        "subprocesses of this long-running process (no work pool or worker needed).",
+    )
+    _deployment_options(serve)
+    serve.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
+
+    watch = sub.add_parser(
+        "watch",
+        help="dispatch one Prefect event (or run) per new manifest version under a prefix",
+        description="Poll a prefix; for each manifest version (URL + ETag) not seen before, emit "
+        f"{deployments.MANIFEST_EVENT} (mode event) or create a render-manifest run with idempotency key URL@ETag "
+        "(mode run). Seen versions are kept in a state object, so a restart re-dispatches nothing.",
+    )
+    watch.add_argument("prefix", help="URL of the folder holding manifests (s3://bucket/manifests/)")
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default: 30)")
+    watch.add_argument("--once", action="store_true", help="poll once and exit")
+    watch.add_argument("--max-polls", type=int, default=None, help="exit after this many polls (default: never)")
+    watch.add_argument("--mode", choices=MODES, default="event", help="dispatch by event or by run (default: event)")
+    watch.add_argument(
+        "--deployment",
+        default=deployments.deployment_path(deployments.RENDER_FLOW, deployments.RENDER_DEPLOYMENT),
+        help="deployment run in mode run (default: %(default)s)",
+    )
+    watch.add_argument("--state", default=None, help=f"state object URL (default: <prefix>/{STATE_NAME})")
 
 
 class _ProgressBars:
@@ -138,6 +266,12 @@ def _settings(args: argparse.Namespace) -> render_module.RenderSettings:
         ray_address=args.ray_address,
         steps=args.steps,
         crf=args.crf,
+        force=args.force,
+        allowed_schemes=args.allow_scheme or ["s3", "file"],
+        allowed_http_hosts=args.allow_http_host,
+        allowed_local_roots=args.allow_local_root,
+        allowed_prefixes=args.allow_prefix,
+        limits={f.name: getattr(args, f.name) for f in fields(Limits) if getattr(args, f.name) is not None},
     )
 
 
@@ -160,7 +294,7 @@ def _run_render(args: argparse.Namespace) -> int:
         try:
             result = render_module.render_job(job, JobOutputs(args.out, sidecar), backend, settings)
         except Exception as exc:  # the job failed (bad media, storage error): not a usage error
-            print(f"flashportrait: render failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"flashportrait: render failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
             return EXIT_ROWS_FAILED
     if result.status == "skipped":
         print(f"skipped: {result.output} is already published with the same job hash (use --force to re-render)")
@@ -175,16 +309,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not storage.exists(args.manifest):
         raise ValueError(f"manifest {args.manifest} does not exist")
-    summary = render_module.render_manifest(
-        manifest_url=args.manifest,
-        output_prefix=args.out,
-        preset=settings.preset,
-        workers=settings.workers,
-        ray_address=settings.ray_address,
-        extractor=settings.extractor,
-        steps=settings.steps,
-        force=settings.force,
-    )
+    settings.resource_limits()  # bad limit values are usage errors: exit 2 before anything starts
+    summary = render_module.render_manifest(manifest_url=args.manifest, output_prefix=args.out, settings=settings)
     total = len(summary.results)
     print(
         f"{summary.done} rendered, {summary.skipped} skipped, {summary.failed} failed, {summary.unfinished} "
@@ -199,23 +325,81 @@ def _run_batch(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_ROWS_FAILED
 
 
+def _deployment_settings(args: argparse.Namespace) -> deployments.DeploymentSettings:
+    return deployments.DeploymentSettings(
+        input_prefix=args.input_prefix,
+        output_root=args.output_root,
+        render=deployments.RenderOptions(
+            preset=args.preset,
+            alp=args.alp,
+            workers=args.workers,
+            ray_address=args.ray_address,
+            extractor=args.extractor,
+            steps=args.steps,
+        ),
+        cron=args.cron,
+        timezone=args.timezone,
+    )
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    registered = deployments.deploy(_deployment_settings(args), work_pool=args.pool, image=args.image)
+    for name, deployment_id in registered.items():
+        print(f"registered {name} ({deployment_id}) for work pool {args.pool}")
+    print(f"next: start a worker with `prefect worker start --pool {args.pool}`; run one by hand with")
+    print(f"      prefect deployment run '{next(iter(registered))}'")
+    return EXIT_OK
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    deployments.serve(_deployment_settings(args), limit=args.limit)
+    return EXIT_OK
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # finish the current poll, then exit
+        signal.signal(signum, lambda *_: stop.set())
+    watcher = ManifestWatcher(args.prefix, mode=args.mode, deployment=args.deployment, state_url=args.state)
+    verb = "emitted an event for" if args.mode == "event" else "started a run for"
+
+    def report(version: ManifestVersion) -> None:
+        print(f"{verb} {version.url} (ETag {version.etag})", flush=True)
+
+    count = watcher.watch(args.interval, max_polls=1 if args.once else args.max_polls, stop=stop, on_dispatch=report)
+    print(f"dispatched {count} new manifest version(s) from {args.prefix}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "render": _run_render,
+    "batch": _run_batch,
+    "deploy": _run_deploy,
+    "serve": _run_serve,
+    "watch": _run_watch,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("FLASHPORTRAIT_LOG_LEVEL", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.preset == "tiny":
+    if getattr(args, "preset", None) == "tiny":
         print(
             "note: preset 'tiny' has random weights — it exercises the whole system but renders noise, not a portrait",
             file=sys.stderr,
         )
-    render_module.progress_sink = _ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    render_module.progress_sink = _ProgressBars(enabled=not getattr(args, "quiet", True) and sys.stderr.isatty())
+    if args.command in ("render", "batch"):  # serve installs Prefect's own handler, watch its own
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        return _run_render(args) if args.command == "render" else _run_batch(args)
+        return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, ConnectionError, TimeoutError) as exc:
-        print(f"flashportrait: error: {exc}", file=sys.stderr)
+        print(f"flashportrait: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except (render_module.RunCancelled, KeyboardInterrupt):
         print(

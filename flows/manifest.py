@@ -13,12 +13,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from flashportrait.infra.limits import Limits
+from flashportrait.infra.redact import redact
 from flashportrait.infra.storage import resolve_url
 from flashportrait.infra.tables import ManifestRecord
+from flashportrait.infra.urls import UrlPolicy, UrlRefused, check_input_url
 
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 KNOWN_FIELDS = ("id", "reference", "driving", "prompt", "seed", "steps", "width", "height", "fps")
+REQUIRED_FIELDS = ("id", "reference", "driving")
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole is unusable (empty, too large, required columns missing): nothing renders."""
 
 
 def _strict_int(value: Any, field: str) -> Any:
@@ -52,6 +60,7 @@ class Job(BaseModel):
     height: int | None = None
     fps: float | None = None
     line: int = 0
+    warnings: tuple[str, ...] = ()
 
     @field_validator("id")
     @classmethod
@@ -118,20 +127,48 @@ class JobFailure:
     reason: str
 
 
-def parse_jobs(records: list[ManifestRecord], manifest_url: str) -> tuple[list[Job], list[JobFailure]]:
+def check_manifest_shape(records: list[ManifestRecord], manifest_url: str, limits: Limits) -> None:
+    """Manifest-level checks that stop the whole run (exit 2) before any row is looked at."""
+    shown = redact(manifest_url)
+    if not records:
+        raise ManifestError(f"manifest {shown} has no rows; add one JSON object (or CSV row) per job")
+    if len(records) > limits.max_manifest_rows:
+        raise ManifestError(
+            f"manifest {shown} has {len(records)} rows, more than max_manifest_rows ({limits.max_manifest_rows}); "
+            "split it or raise --max-manifest-rows"
+        )
+    parsed = [r.values for r in records if r.values is not None]
+    if parsed:
+        present = set().union(*parsed)
+        missing = [f for f in REQUIRED_FIELDS if f not in present]
+        if missing:
+            raise ManifestError(
+                f"manifest {shown} has no {', '.join(missing)} column(s) in any row; required columns are "
+                f"{', '.join(REQUIRED_FIELDS)}"
+            )
+
+
+def parse_jobs(
+    records: list[ManifestRecord],
+    manifest_url: str,
+    policy: UrlPolicy | None = None,
+    limits: Limits | None = None,
+) -> tuple[list[Job], list[JobFailure]]:
     """Validate every row; duplicates of an earlier id fail (the first one renders)."""
+    policy = policy or UrlPolicy(local_roots=())
+    limits = limits or Limits()
     jobs: list[Job] = []
     failures: list[JobFailure] = []
     seen: dict[str, int] = {}
     for record in records:
         row_id = record.values.get("id") if record.values else None
-        row_id = str(row_id) if row_id is not None else None
+        row_id = redact(str(row_id))[:128] if row_id is not None else None
         if record.error is not None:
-            failures.append(JobFailure(row_id, record.line, record.error))
+            failures.append(JobFailure(row_id, record.line, redact(record.error)))
             continue
-        job, reason = _validate(record, manifest_url)
+        job, reason = _validate(record, manifest_url, policy, limits)
         if job is None:
-            failures.append(JobFailure(row_id, record.line, reason))
+            failures.append(JobFailure(row_id, record.line, redact(reason)))
         elif job.id in seen:
             failures.append(
                 JobFailure(
@@ -146,13 +183,31 @@ def parse_jobs(records: list[ManifestRecord], manifest_url: str) -> tuple[list[J
     return jobs, failures
 
 
-def _validate(record: ManifestRecord, manifest_url: str) -> tuple[Job | None, str]:
-    values = {k: v for k, v in record.values.items() if k in KNOWN_FIELDS and v is not None and v != ""}
-    for key in ("reference", "driving"):
-        if isinstance(values.get(key), str) and values[key].strip():
-            values[key] = resolve_url(values[key].strip(), manifest_url)
+def _validate(record: ManifestRecord, manifest_url: str, policy: UrlPolicy, limits: Limits) -> tuple[Job | None, str]:
+    raw = record.values or {}
+    unknown = sorted(k for k in raw if k not in KNOWN_FIELDS)
+    for key, value in raw.items():
+        if isinstance(value, str):
+            cap = limits.max_prompt_bytes if key == "prompt" else limits.max_field_bytes
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > cap:
+                flag_name = "--max-prompt-bytes" if key == "prompt" else "--max-field-bytes"
+                return (
+                    None,
+                    f"line {record.line}: {key}: {size} bytes exceeds the limit of {cap}; "
+                    f"shorten it or raise {flag_name}",
+                )
+    values = {k: v for k, v in raw.items() if k in KNOWN_FIELDS and v is not None and v != ""}
     try:
-        return Job(line=record.line, **values), ""
+        for key in ("reference", "driving"):
+            if isinstance(values.get(key), str) and values[key].strip():
+                resolved = resolve_url(values[key].strip(), manifest_url)
+                values[key] = check_input_url(resolved, field_name=key, manifest_url=manifest_url, policy=policy)
+    except (UrlRefused, ValueError) as exc:
+        return None, f"line {record.line}: {exc}"
+    warnings = tuple(f"unknown field {k!r} ignored" for k in unknown)
+    try:
+        return Job(line=record.line, warnings=warnings, **values), ""
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {_message(e)}" for e in exc.errors())
         return None, f"line {record.line}: {problems}"

@@ -59,7 +59,7 @@ class JobOutputs:
 def job_hash(job: Job, run_parameters: dict[str, Any], fingerprints: dict[str, str]) -> str:
     """SHA-256 of the canonical JSON of the job, the run's output-relevant parameters and the inputs' identities."""
     payload = {
-        "job": job.model_dump(exclude={"line", "id"}),
+        "job": job.model_dump(exclude={"line", "id", "warnings"}),
         "run": run_parameters,
         "inputs": fingerprints,
     }

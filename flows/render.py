@@ -29,12 +29,15 @@ from flashportrait.actors.coordinator import RayDenoiseBackend, WorkerPool, Work
 from flashportrait.actors.errors import BackendUnavailable
 from flashportrait.infra import storage, video_io
 from flashportrait.infra.images import fit_reference
+from flashportrait.infra.limits import Limits
+from flashportrait.infra.redact import install_log_redaction, redact, redact_value
 from flashportrait.infra.tables import read_manifest_records, write_report
+from flashportrait.infra.urls import UrlPolicy
 from flashportrait.model.expression import get_extractor
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, GenerationResult
 from flashportrait.model.presets import get_preset
 
-from .manifest import Job, JobFailure, parse_jobs
+from .manifest import Job, JobFailure, ManifestError, check_manifest_shape, parse_jobs
 from .publishing import Existing, JobOutputs, PublishConflict, check_existing, job_hash, publish_outputs
 
 
@@ -58,6 +61,23 @@ class RenderSettings(BaseModel):
     encoder_preset: str = "medium"
     scratch_dir: str | None = None
     force: bool = False  # re-render and replace outputs that are already published
+    # Input policy (what URLs rows may name) and resource limits; see infra/urls.py and infra/limits.py.
+    allowed_schemes: list[str] = ["s3", "file"]
+    allowed_http_hosts: list[str] = []
+    allowed_local_roots: list[str] = []
+    allowed_prefixes: list[str] = []
+    limits: dict[str, float] = {}  # overrides of Limits.from_env()
+
+    def url_policy(self) -> UrlPolicy:
+        return UrlPolicy(
+            allowed_schemes=frozenset(self.allowed_schemes),
+            http_hosts=frozenset(h.lower() for h in self.allowed_http_hosts),
+            local_roots=tuple(self.allowed_local_roots),
+            allowed_prefixes=tuple(self.allowed_prefixes),
+        )
+
+    def resource_limits(self) -> Limits:
+        return Limits.from_env(**self.limits)
 
     def output_parameters(self) -> dict[str, Any]:
         """The run-level settings that decide the output bits (they enter every job's hash)."""
@@ -185,7 +205,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         outcome.seconds_total = time.perf_counter() - started
         published = publish_outputs(
             video_path,
-            _sidecar(job, settings, outcome, request, fingerprints),
+            redact_value(_sidecar(job, settings, outcome, request, fingerprints)),
             outputs,
             expected_hash,
             force=settings.force,
@@ -252,10 +272,19 @@ class RunCancelled(Exception):
     """Raised in the flow's thread when the process is asked to stop (SIGTERM, Prefect cancellation)."""
 
 
-@task(name="read-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def read_manifest(manifest_url: str) -> tuple[list[Job], list[JobFailure]]:
+@task(name="read-manifest", cache_policy=NO_CACHE)
+def read_manifest(manifest_url: str, settings: RenderSettings) -> tuple[list[Job], list[JobFailure]]:
+    """Read and validate every row; a manifest that is unusable as a whole raises ManifestError (exit 2)."""
+    limits = settings.resource_limits()
+    size = storage.size(manifest_url)
+    if size > limits.max_manifest_bytes:
+        raise ManifestError(
+            f"manifest {redact(manifest_url)} is {size} bytes, more than max_manifest_bytes "
+            f"({limits.max_manifest_bytes}); split it or raise --max-manifest-bytes"
+        )
     records = read_manifest_records(manifest_url)
-    jobs, failures = parse_jobs(records, manifest_url)
+    check_manifest_shape(records, manifest_url, limits)
+    jobs, failures = parse_jobs(records, manifest_url, settings.url_policy(), limits)
     get_run_logger().info("manifest %s: %d valid job(s), %d invalid row(s)", manifest_url, len(jobs), len(failures))
     return jobs, failures
 
@@ -269,16 +298,23 @@ def render_job_task(job: Job, output_prefix: str, backend: Backend, settings: Re
     except (BackendUnavailable, RunCancelled, KeyboardInterrupt):
         raise
     except Exception as exc:  # one bad job never sinks the batch; its reason goes to the report
-        log.error("job %s (line %d) failed: %s", job.id, job.line, exc)
-        return RenderResult(job.id, job.line, "failed", f"{type(exc).__name__}: {exc}")
+        reason = redact(f"{type(exc).__name__}: {exc}")
+        log.error("job %s (line %d) failed: %s", job.id, job.line, reason)
+        return RenderResult(job.id, job.line, "failed", reason)
     log.info("job %s: %s %s", job.id, result.status, result.reason or f"in {result.seconds_total:.1f} s")
     return result
 
 
 @task(name="write-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def write_run_report(results: list[RenderResult], output_prefix: str) -> tuple[str, str]:
-    rows = [asdict(r) for r in sorted(results, key=lambda r: r.line)]
+    rows = [redact_value(asdict(r)) for r in sorted(results, key=lambda r: r.line)]
     return write_report(rows, output_prefix)
+
+
+def install_log_redaction_everywhere() -> None:
+    """Secrets never reach a log line: our loggers, Prefect's console and API handlers, the root logger."""
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "flashportrait"):
+        install_log_redaction(logging.getLogger(name))
 
 
 MANIFEST_MARKER = "_manifest.json"
@@ -364,17 +400,20 @@ def render_manifest(
     extractor: str = "pixel",
     steps: int | None = None,
     force: bool = False,
+    settings: RenderSettings | None = None,
 ) -> RunSummary:
     """Render every valid row of the manifest at ``manifest_url`` to ``output_prefix``; write the run report.
 
     Idempotent: rows already published with the same job hash are skipped, so a re-run after a crash renders only
-    the rest, and a re-run of a finished manifest renders nothing (``force`` re-renders everything).
+    the rest, and a re-run of a finished manifest renders nothing (``force`` re-renders everything). ``settings``
+    (input policy, limits, encoder options) overrides the simple parameters when given.
     """
+    install_log_redaction_everywhere()
     log = get_run_logger()
-    settings = RenderSettings(
+    settings = settings or RenderSettings(
         preset=preset, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps, force=force
     )
-    jobs, failures = read_manifest(manifest_url)
+    jobs, failures = read_manifest(manifest_url, settings)
     results = [RenderResult.failed(f) for f in failures]
     try:
         if jobs:

@@ -105,9 +105,7 @@ def download(url: str, dest: str | Path) -> Path:
 
 
 @contextmanager
-def atomic_write(
-    url: str, *, exclusive: bool = False, metadata: dict[str, str] | None = None
-) -> Iterator[BinaryIO]:
+def atomic_write(url: str, *, exclusive: bool = False, metadata: dict[str, str] | None = None) -> Iterator[BinaryIO]:
     """A writable binary file whose content appears at ``url`` only if the ``with`` block completes.
 
     On an exception nothing appears (no partial object, no pending multipart upload, no temp file). With
@@ -153,6 +151,13 @@ def object_metadata(url: str) -> dict[str, str]:
         return {}
     with _errors_name(url, "read metadata of"):
         return {str(k).lower(): str(v) for k, v in fs.metadata(path, refresh=True).items()}
+
+
+def size(url: str) -> int:
+    """Size in bytes of the object or file at ``url``."""
+    fs, path = filesystem_for(url)
+    with _errors_name(url, "stat"):
+        return int(fs.size(path))
 
 
 def fingerprint(url: str) -> str:

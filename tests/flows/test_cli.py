@@ -73,7 +73,8 @@ def test_batch_exit_code_1_when_a_row_fails(tmp_path):
         + json.dumps({"id": "bad", "reference": str(ROOT / "examples/reference.png"), "driving": "missing.mp4"})
         + "\n"
     )
-    proc = run("batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "0", "--steps", "1")
+    proc = run("batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "0", "--steps", "1",
+               "--allow-local-root", str(ROOT / "examples"))
     assert proc.returncode == 1, proc.stderr
     assert (tmp_path / "out" / "ok.mp4").exists() and not (tmp_path / "out" / "bad.mp4").exists()
     assert "failed] bad" in proc.stdout
