@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -30,6 +31,7 @@ from flashportrait.actors.errors import BackendUnavailable
 from flashportrait.infra import storage, video_io
 from flashportrait.infra.images import fit_reference
 from flashportrait.infra.limits import Limits
+from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video
 from flashportrait.infra.redact import install_log_redaction, redact, redact_value
 from flashportrait.infra.tables import read_manifest_records, write_report
 from flashportrait.infra.urls import UrlPolicy
@@ -161,17 +163,22 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             )
     with tempfile.TemporaryDirectory(prefix=f"fp-{job.id}-", dir=settings.scratch_dir) as scratch:
         scratch_dir = Path(scratch)
-        # 1. Inputs, fetched by URL into the job's scratch directory.
-        reference_path = storage.download(job.reference, scratch_dir / "reference")
-        driving_path = storage.download(job.driving, scratch_dir / "driving")
-        # 2. Driving video at the job's fps (default: its own), truncated to 4k+1 frames, then expressions.
-        info = video_io.probe_video(driving_path)
+        # 1. Inputs: size-checked, fetched into the job's scratch directory, inspected in the sandbox.
+        limits = settings.resource_limits()
+        reference_path = _fetch(job.reference, scratch_dir / "reference", "reference", limits)
+        driving_path = _fetch(job.driving, scratch_dir / "driving", "driving", limits)
+        info = inspect_video(driving_path, limits)
         fps = float(job.fps or info.fps)
+        _check_output_fps(fps, info.duration, limits)
+        reference_pixels, reference_info = inspect_image(reference_path, scratch_dir / "reference.npy", limits)
+        # 2. Driving video at the job's fps (default: its own), truncated to 4k+1 frames, then expressions.
         frames = video_io.read_frames_4k_plus_1(driving_path, fps=fps, size=(width, height))
         features = get_extractor(settings.extractor).extract(frames)
         del frames
-        # 3. Reference fitted to the model resolution.
-        reference = fit_reference(reference_path, width, height)
+        # 3. Reference fitted to the model resolution (from the sandbox's decode, re-encoded as a plain PNG).
+        sanitized = scratch_dir / "reference.png"
+        Image.fromarray(reference_pixels).save(sanitized)
+        reference = fit_reference(sanitized, width, height)
         # 4. Denoise + decode.
         request = GenerationRequest(
             reference=reference.pixels,
@@ -200,7 +207,13 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             seconds_orchestration=result.stats.seconds_orchestration,
             transformer_calls=result.stats.transformer_calls,
             windows=result.stats.windows,
-            extra={"reference_crop_box": list(reference.crop_box), "driving_fps": info.fps, **result.stats.extra},
+            extra={
+                "reference_crop_box": list(reference.crop_box),
+                "reference_normalised": reference_info.normalised,
+                "driving_fps": info.fps,
+                "driving_container": info.container,
+                **result.stats.extra,
+            },
         )
         outcome.seconds_total = time.perf_counter() - started
         published = publish_outputs(
@@ -213,6 +226,33 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         if published.by_concurrent_run:
             outcome.reason = "already published by a concurrent run (same job hash)"
     return outcome
+
+
+def _fetch(url: str, dest: Path, field_name: str, limits: Limits) -> Path:
+    """Refuse an oversized input from its size alone, before a byte of it is downloaded."""
+    size = storage.size(url)
+    if size > limits.max_file_bytes:
+        raise MediaRejected(
+            f"{field_name}: {size} bytes exceeds max_file_bytes ({limits.max_file_bytes}); shrink the file or raise "
+            "--max-file-bytes"
+        )
+    if size == 0:
+        raise MediaRejected(f"{field_name}: the file is empty")
+    return storage.download(url, dest)
+
+
+def _check_output_fps(fps: float, duration: float, limits: Limits) -> None:
+    if not limits.min_fps <= fps <= limits.max_fps:
+        raise MediaRejected(
+            f"fps: {fps:g} is outside [{limits.min_fps:g}, {limits.max_fps:g}]; set the row's fps inside the range "
+            "or change --min-fps/--max-fps"
+        )
+    frames = int(duration * fps)
+    if frames > limits.max_frames:
+        raise MediaRejected(
+            f"driving: {frames} frames at {fps:g} fps exceed max_frames ({limits.max_frames}); cut the video, lower "
+            "the fps or raise --max-frames"
+        )
 
 
 def _job_progress(job_id: str) -> Callable[[int, int], None] | None:
@@ -298,7 +338,8 @@ def render_job_task(job: Job, output_prefix: str, backend: Backend, settings: Re
     except (BackendUnavailable, RunCancelled, KeyboardInterrupt):
         raise
     except Exception as exc:  # one bad job never sinks the batch; its reason goes to the report
-        reason = redact(f"{type(exc).__name__}: {exc}")
+        detail = str(exc) if isinstance(exc, MediaRejected | PublishConflict) else f"{type(exc).__name__}: {exc}"
+        reason = redact(f"row {job.id!r}: {detail}")
         log.error("job %s (line %d) failed: %s", job.id, job.line, reason)
         return RenderResult(job.id, job.line, "failed", reason)
     log.info("job %s: %s %s", job.id, result.status, result.reason or f"in {result.seconds_total:.1f} s")
