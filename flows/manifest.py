@@ -115,6 +115,8 @@ class Job(BaseModel):
                 value = float(value)
             except ValueError:
                 raise ValueError(f"fps must be a number, got {value!r}") from None
+        if isinstance(value, int):
+            value = float(value)
         if isinstance(value, float) and not 0 < value <= 240:
             raise ValueError(f"fps must be in (0, 240], got {value}")
         return value
