@@ -19,7 +19,18 @@ ALLOWED_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matro
 ALLOWED_IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"})
 # Source frame rates beyond this are metadata nonsense, not video (a zero timescale reads as 1/512 fps, etc.).
 MAX_SOURCE_FPS = 1000.0
-MIN_DRIVING_FRAMES = 5  # 4k+1 ≥ 5: one latent frame beyond the reference
+MIN_DRIVING_FRAMES = 5
+EXTENSION_FORMATS = {
+    "png": "PNG",
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "webp": "WEBP",
+    "bmp": "BMP",
+    "tif": "TIFF",
+    "tiff": "TIFF",
+    "gif": "GIF",
+    "mpo": "MPO",
+}  # 4k+1 ≥ 5: one latent frame beyond the reference
 
 
 class Rejected(Exception):
@@ -66,7 +77,8 @@ def inspect_image(path: str, out_npy: str, limits: dict) -> dict:
         if oriented.size != image.size or oriented is not image and image.getexif().get(0x0112, 1) != 1:
             notes.append("exif-rotated")
         rgb = to_rgb8(oriented, notes)
-    if image.format and Path(path).suffix.lower().lstrip(".") not in {image.format.lower(), "jpg", "tif"}:
+    named = EXTENSION_FORMATS.get(Path(path).suffix.lower().lstrip("."))
+    if named != image.format:
         notes.append(f"content is {image.format} whatever the file name says")
     pixels = np.asarray(rgb, dtype=np.uint8)
     np.save(out_npy, pixels, allow_pickle=False)

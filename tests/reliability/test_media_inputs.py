@@ -1,0 +1,113 @@
+"""Reference images and driving videos: hostile files are refused from the sandbox with a reason; odd but legal
+files are normalised."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from flashportrait.infra.limits import Limits
+from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video
+
+from . import media_factory as mf
+
+
+LIMITS = Limits()
+
+
+def put(path, data: bytes | str):
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def image(path, limits: Limits = LIMITS):
+    return inspect_image(path, path.with_suffix(".npy"), limits)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: put(p, "not an image at all"), "not an image Pillow can identify"),
+        (lambda p: put(p, b""), "not an image Pillow can identify"),
+        (lambda p: mf.truncated_copy(mf.portrait(p.with_name("full.png")), p, 0.3), "truncated or corrupt"),
+        (lambda p: put(p, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "not an image|unreadable"),
+        (lambda p: Image.new("1", (20000, 20000)).save(p) or p, r"20000x20000 exceeds max_input_pixels \(8.3 Mpx\)"),
+        (lambda p: mf.png_header_lie(p), r"65535x65535 exceeds max_input_pixels"),
+        (lambda p: mf.portrait(p, size=32), r"32x32 is smaller than min_input_side \(64 px\)"),
+        (lambda p: put(p, '<svg xmlns="http://www.w3.org/2000/svg"/>'), "not an image Pillow can identify"),
+    ],
+    ids=["text", "empty", "truncated", "corrupt", "bomb", "header-lie", "too-small", "svg"],
+)
+def test_bad_reference_images_are_refused(tmp_path, make, message):
+    path = make(tmp_path / "ref.png")
+    with pytest.raises(MediaRejected, match=message):
+        image(path)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "note"),
+    [
+        ("CMYK", "JPEG", "CMYK converted to RGB"),
+        ("I;16", "PNG", "I;16 scaled to 8-bit"),
+        ("RGBA", "PNG", "alpha flattened on mid-grey"),
+        ("P", "PNG", "P converted to RGB"),
+        ("L", "PNG", "L converted to RGB"),
+    ],
+)
+def test_odd_but_legal_images_are_normalised(tmp_path, mode, fmt, note):
+    pixels, info = image(mf.portrait(tmp_path / f"ref.{fmt.lower()}", mode=mode, fmt=fmt))
+    assert pixels.shape == (96, 96, 3) and pixels.dtype.name == "uint8"
+    assert note in info.normalised
+
+
+def test_exif_orientation_and_wrong_extension(tmp_path):
+    path = tmp_path / "portrait.jpg"  # a PNG named .jpg, and a JPEG rotated by EXIF
+    mf.portrait(path, fmt="PNG")
+    pixels, info = image(path)
+    assert info.format == "PNG" and any("whatever the file name says" in n for n in info.normalised)
+    rotated = mf.portrait(tmp_path / "rot.jpg", fmt="JPEG", size=96, exif_orientation=6)
+    Image.open(rotated).crop((0, 0, 96, 80)).save(rotated, exif=Image.open(rotated).getexif())  # 96x80, EXIF 6
+    pixels, info = image(rotated)
+    assert pixels.shape == (96, 80, 3) and "exif-rotated" in info.normalised  # 90° turn swaps the sides
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return mf.test_clip(tmp_path_factory.mktemp("clips") / "clip.mp4")
+
+
+@pytest.mark.parametrize(
+    ("make", "message", "limits"),
+    [
+        (lambda p, c: put(p, b""), "not a readable video", LIMITS),
+        (lambda p, c: put(p, "hello"), "not a readable video", LIMITS),
+        (lambda p, c: mf.audio_only(p.with_suffix(".m4a")), r"no video stream \(it has only audio\)", LIMITS),
+        (lambda p, c: mf.truncated_copy(c, p, 0.5), "not a readable video|truncated|moov", LIMITS),
+        (lambda p, c: mf.test_clip(p, frames=1), r"only 1 frame\(s\)", LIMITS),
+        (lambda p, c: mf.test_clip(p, size="4000x2500", frames=2), r"4000x2500 exceeds max_input_pixels", LIMITS),
+        (lambda p, c: c, r"duration 1 s exceeds max_duration_s \(0.5 s\)", Limits(max_duration_s=0.5)),
+        (lambda p, c: mf.hls_playlist(p, c), "not a readable video|not an accepted video container", LIMITS),
+        (lambda p, c: mf.ffconcat(p), "not a readable video|not an accepted video container", LIMITS),
+        (lambda p, c: mf.portrait(p.with_suffix(".png")), "not an accepted video container|not a readable", LIMITS),
+    ],
+    ids=["empty", "text", "audio-only", "truncated", "one-frame", "8k-ish", "too-long", "hls", "ffconcat", "image"],
+)
+def test_bad_driving_videos_are_refused(tmp_path, clip, make, message, limits):
+    path = make(tmp_path / "drv.mp4", clip)
+    with pytest.raises(MediaRejected, match=message):
+        inspect_video(path, limits)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("moov at end.mp4", {}, (96, 96, 12.0)),
+        ("faststart #1 é.mp4", {"extra": ("-movflags", "+faststart")}, (96, 96, 12.0)),
+        ("clip.mkv", {}, (96, 96, 12.0)),
+        ("high-fps.mp4", {"fps": 120, "frames": 30}, (96, 96, 120.0)),
+        ("odd-444.mp4", {"extra": ("-vf", "scale=131:97", "-pix_fmt", "yuv444p")}, (131, 97, 12.0)),
+    ],
+)
+def test_odd_but_legal_videos_pass_inspection(tmp_path, name, kwargs, expected):
+    info = inspect_video(mf.test_clip(tmp_path / name, **kwargs), LIMITS)
+    assert (info.width, info.height, info.fps) == expected and info.num_frames >= 5
