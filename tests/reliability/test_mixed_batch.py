@@ -1,0 +1,89 @@
+"""One batch mixing every bad kind with two good rows (moto S3, real Prefect): the good rows render, each bad row
+fails alone with a reason naming its field, and nothing else appears under the output prefix."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import av
+import boto3
+import pytest
+from PIL import Image
+
+from flashportrait.flows.render import render_manifest
+
+from . import media_factory as mf
+
+
+pytestmark = pytest.mark.slow
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_bad_rows_fail_alone(s3_bucket, prefect_harness, tmp_path):
+    s3 = boto3.client("s3")
+    for name in ("reference.png", "driving_short.mp4"):
+        s3.upload_file(str(EXAMPLES / name), s3_bucket, f"in/{name}")
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    s3.upload_file(str(tmp_path / "bomb.png"), s3_bucket, "in/bomb.png")
+    s3.upload_file(str(mf.audio_only(tmp_path / "audio.m4a")), s3_bucket, "in/audio.mp4")
+    s3.put_object(Bucket=s3_bucket, Key="in/notvideo.mp4", Body=b"definitely not a video")
+    good = {"reference": "reference.png", "driving": "driving_short.mp4"}
+    rows = [
+        json.dumps({"id": "good-1", **good, "seed": 1}),
+        json.dumps({"id": "../evil", **good}),
+        json.dumps({"id": "ssrf", "reference": "reference.png", "driving": "http://169.254.169.254/latest"}),
+        json.dumps({"id": "missing", "reference": "reference.png", "driving": "nope.mp4"}),
+        json.dumps({"id": "notvideo", "reference": "reference.png", "driving": "notvideo.mp4"}),
+        json.dumps({"id": "audio", "reference": "reference.png", "driving": "audio.mp4"}),
+        json.dumps({"id": "bomb", "reference": "bomb.png", "driving": "driving_short.mp4"}),
+        json.dumps({"id": "steps", **good, "steps": 0}),
+        "{broken json",
+        json.dumps({"id": "good-1", **good}),
+        json.dumps({"id": "localfile", "reference": "/etc/passwd", "driving": "driving_short.mp4"}),
+        json.dumps({"id": "good-2", **good, "seed": 2}),
+    ]
+    s3.put_object(Bucket=s3_bucket, Key="in/m.jsonl", Body=("\n".join(rows) + "\n").encode())
+    out = f"s3://{s3_bucket}/out"
+    summary = render_manifest(f"s3://{s3_bucket}/in/m.jsonl", out, workers=0, steps=1)
+
+    by_line = {r["line"]: r for r in summary.results}
+    assert len(by_line) == len(rows)  # every row has exactly one terminal status
+    assert {r["id"] for r in summary.results if r["status"] == "done"} == {"good-1", "good-2"}
+    expected = {
+        2: "id '../evil' is not a safe object name",
+        3: "driving: scheme 'http'",
+        4: "nope.mp4",
+        5: "driving: not a readable video",
+        6: "driving: no video stream (it has only audio)",
+        7: "reference: 20000x20000 exceeds max_input_pixels (8.3 Mpx)",
+        8: "steps must be between 1 and 1000, got 0",
+        9: "line 9",
+        10: "duplicate id 'good-1'",
+        11: "local file /etc/passwd in a remote manifest",
+    }
+    for line, fragment in expected.items():
+        assert by_line[line]["status"] == "failed", by_line[line]
+        assert fragment in by_line[line]["reason"], by_line[line]["reason"]
+
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]}
+    assert keys == {
+        "out/good-1.mp4",
+        "out/good-1.json",
+        "out/good-2.mp4",
+        "out/good-2.json",
+        "out/report.parquet",
+        "out/report.html",
+        "out/_manifest.json",
+    }
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    for job_id in ("good-1", "good-2"):
+        sidecar = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"out/{job_id}.json")["Body"].read())
+        with av.open(io.BytesIO(s3.get_object(Bucket=s3_bucket, Key=f"out/{job_id}.mp4")["Body"].read())) as c:
+            assert sum(1 for _ in c.decode(c.streams.video[0])) == sidecar["result"]["frames"] == 16
+
+    again = render_manifest(f"s3://{s3_bucket}/in/m.jsonl", out, workers=0, steps=1)
+    statuses = {r["line"]: r["status"] for r in again.results}
+    assert statuses[1] == statuses[12] == "skipped"  # a re-run renders exactly what is not done
+    assert all(statuses[line] == "failed" for line in expected)
