@@ -238,6 +238,7 @@ ASTRONAUT_LANDMARKS = np.array(
         (242.7, 141.7), (229.0, 149.7), (222.7, 150.3), (216.7, 149.3),
     ]
 )  # fmt: skip
+ASTRONAUT_LANDMARKS.flags.writeable = False
 ASTRONAUT_SIZE = 512
 # Interocular distance (eye centre to eye centre) in source pixels: the unit of every expression displacement.
 ASTRONAUT_IOD = float(np.linalg.norm(ASTRONAUT_LANDMARKS[42:48].mean(0) - ASTRONAUT_LANDMARKS[36:42].mean(0)))

@@ -2,8 +2,24 @@
 
 ffmpeg (the static binary shipped in the imageio-ffmpeg wheel, graphs built with ffmpeg-python) runs in a child
 process: a crash on hostile or corrupt media kills the child, not the worker. PyAV is used only for probing, because
-that binary comes without ``ffprobe``. Two rules keep the pipes from hanging: ffmpeg's stderr is always drained by a
-thread (an unread stderr pipe fills up and blocks ffmpeg), and a consumer that stops early kills the decoder.
+that binary comes without ``ffprobe`` (bench/video_io.py measured PyAV's in-process decode and encode at about the
+same speed as the child process, so the isolation costs nothing). Two rules keep the pipes from hanging: ffmpeg's
+stderr is always drained by a thread (an unread stderr pipe fills up and blocks ffmpeg), and a consumer that stops
+early kills the decoder.
+
+What real files bring, and what happens to it:
+
+- variable frame rate (phones): always resampled to a constant rate by ffmpeg's ``fps`` filter — the requested
+  fps, or the stream's average rate — so decoded frame k is the picture shown at time k / fps after the first;
+- rotation metadata (portrait phone video): applied by ffmpeg's autorotate; probed sizes are the displayed ones;
+- odd sizes, 10-bit and 4:4:4 inputs: converted to 8-bit RGB by ffmpeg, with the colour matrix of the stream's tags;
+- audio-only files and cover art (an "attached picture" video stream in an m4a/mp3): rejected, naming what was found.
+
+Encoding writes H.264 yuv420p (even dimensions) tagged BT.709 TV range — what players assume for HD video, so an
+untagged BT.601 file would shift its colours — with the index up front (faststart). With an audio source, its audio
+is muxed in a second pass that copies the video and knows the final frame count, so the audio is cut (or padded
+with silence) to exactly the video's length and starts ``audio_offset`` seconds after the source's first video
+frame; a one-pass ``-shortest`` overshoots by up to ~0.4 s (measured here).
 """
 
 from __future__ import annotations
@@ -29,6 +45,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _QUIET = ("-hide_banner", "-nostdin", "-loglevel", "error")
+# BT.709, TV range: the conversion and the tags of every file we write.
+_BT709 = {"colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
 
 
 class FFmpegError(RuntimeError):
@@ -53,7 +71,12 @@ def ffmpeg_executable() -> str:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a video file holds. ``width``/``height`` are the *displayed* size (rotation applied), like the frames."""
+    """What a video file holds. ``width``/``height`` are the *displayed* size (rotation applied), like the frames.
+
+    ``fps`` is the average rate (frames / duration), the rate a variable-rate video is normalised to by default;
+    ``stream_index`` is the container's index of the video stream used (cover art skipped); ``start_time`` is
+    that stream's first timestamp in seconds (audio is aligned to it).
+    """
 
     width: int
     height: int
@@ -63,6 +86,9 @@ class VideoInfo:
     has_audio: bool
     codec: str
     rotation: int = 0
+    pix_fmt: str = ""
+    stream_index: int = 0
+    start_time: float = 0.0
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -74,10 +100,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     except av.FFmpegError as error:
         raise ValueError(f"{path} is not a readable video ({error}); check that it is a complete video.") from error
     with container:
-        if not container.streams.video:
-            found = ", ".join(f"{s.type}/{s.codec_context.name}" for s in container.streams) or "no streams"
-            raise ValueError(f"{path} has no video stream (found: {found}); a driving video is required.")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise ValueError(f"{path} does not declare a frame rate; re-encode it with a constant frame rate.")
@@ -94,7 +117,24 @@ def probe_video(path: str | Path) -> VideoInfo:
             has_audio=bool(container.streams.audio),
             codec=stream.codec_context.name,
             rotation=rotation,
+            pix_fmt=stream.codec_context.pix_fmt or "",
+            stream_index=stream.index,
+            start_time=_start_time(stream),
         )
+
+
+def _video_stream(container: Any, path: str | Path) -> Any:
+    """The first real video stream: an "attached picture" (cover art in an m4a/mp3) is one still image, not video."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    found = ", ".join(_describe(s) for s in container.streams) or "no streams"
+    raise ValueError(f"{path} has no video stream (found: {found}); a driving video is required.")
+
+
+def _describe(stream: Any) -> str:
+    cover = stream.type == "video" and stream.disposition & av.stream.Disposition.attached_pic
+    return f"{stream.type}/{stream.codec_context.name}" + (" cover art" if cover else "")
 
 
 def _rotation(container: Any, stream: Any, path: str | Path) -> int:
@@ -114,12 +154,32 @@ def _duration(container: Any, stream: Any) -> float | None:
     return None
 
 
-def _has_audio(path: str | Path) -> bool:
+def _start_time(stream: Any) -> float:
+    if stream.start_time is None or stream.time_base is None:
+        return 0.0
+    return float(stream.start_time * stream.time_base)
+
+
+@dataclass(frozen=True)
+class _AudioPlan:
+    """Which audio stream of a source to mux, and from which second of it (negative: the audio starts late)."""
+
+    index: int
+    start: float
+
+
+def _audio_plan(source: str | Path, offset: float) -> _AudioPlan | None:
+    """Where the output's audio comes from: ``offset`` s after the source's first video frame (or its start)."""
     try:
-        with av.open(str(path)) as container:
-            return bool(container.streams.audio)
+        with av.open(str(source)) as container:
+            if not container.streams.audio:
+                return None
+            audio = container.streams.audio[0]
+            videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+            video_start = _start_time(videos[0]) if videos else _start_time(audio)
+            return _AudioPlan(audio.index, video_start - _start_time(audio) + offset)
     except (FileNotFoundError, av.FFmpegError) as error:
-        raise ValueError(f"Audio source {path} cannot be opened ({error}); pass a readable media file.") from error
+        raise ValueError(f"Audio source {source} cannot be opened ({error}); pass a readable media file.") from error
 
 
 # ---- ffmpeg child processes ---------------------------------------------------------------------------------------
@@ -167,25 +227,41 @@ def _rate(fps: float) -> str:
 # ---- decoding -----------------------------------------------------------------------------------------------------
 
 
+def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up) so the longer side is at most ``max_side``, aspect kept, sides even."""
+    if max_side < 2:
+        raise ValueError(f"max_side must be at least 2 px, got {max_side}.")
+    scale = min(1.0, max_side / max(width, height))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
 def iter_frames(
     path: str | Path,
     *,
     fps: float | None = None,
     size: tuple[int, int] | None = None,
+    max_side: int | None = None,
     max_frames: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """Decode ``path`` frame by frame as HxWx3 uint8 RGB frames.
+    """Decode ``path`` frame by frame as HxWx3 uint8 RGB frames, at a constant frame rate.
 
-    ``fps`` resamples to that constant rate (frames dropped or repeated by ffmpeg's fps filter), ``size`` = (width,
-    height) scales. Only one frame is in memory at a time; stopping the iteration early kills ffmpeg.
+    ``fps`` is the output rate (default: the stream's average rate): ffmpeg's fps filter drops or repeats frames so
+    frame k shows what the source shows at k / fps, also for variable-rate sources. ``size`` = (width, height)
+    scales to exactly that size; ``max_side`` instead only shrinks, keeping the aspect ratio (:func:`fit_within`).
+    Only one frame is in memory at a time; stopping the iteration early kills ffmpeg.
     """
     info = probe_video(path)
+    if size is not None and max_side is not None:
+        raise ValueError(f"pass size or max_side for {path}, not both.")
+    if max_side is not None:
+        size = fit_within(info.width, info.height, max_side)
     width, height = size or (info.width, info.height)
     if width < 1 or height < 1:
         raise ValueError(f"size must be positive (width, height), got {size} for {path}.")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames} for {path}.")
-    args = _decode_graph(path, fps=fps, size=size, max_frames=max_frames).compile(cmd=ffmpeg_executable())
+    rate = fps or info.fps
+    args = _decode_graph(path, info.stream_index, rate, size, max_frames).compile(cmd=ffmpeg_executable())
     process, stderr = _spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert process.stdout is not None
     frame_bytes = width * height * 3
@@ -195,7 +271,7 @@ def iter_frames(
             buffer = _read_frame(process.stdout, frame_bytes)
             if len(buffer) < frame_bytes:  # end of the stream (empty) or, if ffmpeg broke off, inside a frame
                 _check_decoder_exit(process, stderr, path, complete=not buffer)
-                _check_frame_count(count, _expected_frames(info, fps), stderr, path)
+                _check_frame_count(count, _expected_frames(info, rate), stderr, path)
                 return
             yield np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
             count += 1
@@ -204,13 +280,14 @@ def iter_frames(
         process.stdout.close()
 
 
-def _decode_graph(path: str | Path, *, fps: float | None, size: tuple[int, int] | None, max_frames: int | None) -> Any:
-    video = ffmpeg.input(str(path), protocol_whitelist="file")["v:0"]
-    if fps is not None:
-        video = video.filter("fps", fps=_rate(fps))
+def _decode_graph(
+    path: str | Path, stream_index: int, fps: float, size: tuple[int, int] | None, max_frames: int | None
+) -> Any:
+    video = ffmpeg.input(str(path), protocol_whitelist="file")[str(stream_index)]
+    video = video.filter("fps", fps=_rate(fps))  # constant rate, whatever the source's timestamps
     if size is not None:
         video = video.filter("scale", size[0], size[1])
-    # passthrough: every decoded (or fps-resampled) frame exactly once, no duplication for variable-rate sources.
+    # passthrough: the fps filter's frames exactly once (its output is already constant-rate).
     options: dict[str, Any] = {"format": "rawvideo", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
     if max_frames is not None:
         options["frames:v"] = max_frames
@@ -241,12 +318,10 @@ def _check_decoder_exit(
         raise FFmpegError(f"ffmpeg's output for {path} ended inside a frame:\n{stderr.text()}")
 
 
-def _expected_frames(info: VideoInfo, fps: float | None) -> float | None:
-    if fps is None and info.num_frames:
-        return float(info.num_frames)
+def _expected_frames(info: VideoInfo, fps: float) -> float | None:
     if info.duration is None:
-        return None
-    return info.duration * (fps or info.fps)
+        return float(info.num_frames) if info.num_frames and fps == info.fps else None
+    return info.duration * fps
 
 
 def _check_frame_count(count: int, expected: float | None, stderr: _StderrTail, path: str | Path) -> None:
@@ -286,11 +361,14 @@ def read_frames_4k_plus_1(
 
 
 class VideoEncoder:
-    """Streaming H.264 (yuv420p, +faststart) encoder fed frame by frame through ffmpeg's stdin.
+    """Streaming H.264 (yuv420p, BT.709, +faststart) encoder fed frame by frame through ffmpeg's stdin.
 
-    Use it as a context manager: on an exception in the block ffmpeg is killed and the partial file deleted; on normal
-    exit the stream is finished and ffmpeg's exit code checked. With ``audio_source``, its audio (if it has any) is
-    muxed as AAC, cut to the video's length.
+    Use it as a context manager: on an exception in the block ffmpeg is killed and the partial files deleted; on
+    normal exit the stream is finished and ffmpeg's exit code checked. ``crf`` (0-51, lower = better) and ``preset``
+    (x264's speed/size trade-off, ``ultrafast`` … ``veryslow``) are x264's. With ``audio_source``, its first audio
+    track (if it has one) is muxed as AAC: from ``audio_offset`` seconds after the source's first video frame, cut
+    or padded with silence to exactly the video's duration. The frames go to a video-only file next to ``path``
+    first; ``close`` then copies that video and adds the audio into ``path``.
     """
 
     def __init__(
@@ -303,44 +381,47 @@ class VideoEncoder:
         crf: int = 18,
         preset: str = "medium",
         audio_source: str | Path | None = None,
+        audio_offset: float = 0.0,
+        audio_bitrate: str = "128k",
     ) -> None:
         if width < 2 or height < 2 or width % 2 or height % 2:
             raise ValueError(
                 f"H.264 yuv420p needs even dimensions, got {width}x{height} for {path}; "
                 f"crop or resize to {width - width % 2}x{height - height % 2}."
             )
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in 0..51 (x264's quality scale; 18 is visually lossless), got {crf}.")
+        if audio_offset < 0:
+            raise ValueError(f"audio_offset must be >= 0 s (seconds into {audio_source}), got {audio_offset}.")
         self.path = Path(path)
         self.width = width
         self.height = height
+        self.fps = Fraction(_rate(fps))
         self.frames_written = 0
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with_audio = audio_source is not None and _has_audio(audio_source)
-        if audio_source is not None and not with_audio:
+        self._audio_bitrate = audio_bitrate
+        self._audio = _audio_plan(audio_source, audio_offset) if audio_source is not None else None
+        self._audio_source = audio_source
+        if audio_source is not None and self._audio is None:
             logger.info("%s has no audio track; %s will be silent", audio_source, self.path)
-        graph = self._graph(fps, crf, preset, audio_source if with_audio else None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # With audio, the video goes to a side file first: only close() knows the length the audio must have.
+        self._video_path = self.path.with_name(f".{self.path.name}.video.mp4") if self._audio else self.path
+        graph = self._graph(crf, preset)
         self._process, self._stderr = _spawn(
             graph.compile(cmd=ffmpeg_executable()), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
         )
 
-    def _graph(self, fps: float, crf: int, preset: str, audio_source: str | Path | None) -> Any:
+    def _graph(self, crf: int, preset: str) -> Any:
         frames = ffmpeg.input(
-            "pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{self.width}x{self.height}", framerate=_rate(fps)
+            "pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{self.width}x{self.height}", framerate=str(self.fps)
         )
-        streams = [frames["v"]]
-        options: dict[str, Any] = {
-            "vcodec": "libx264",
-            "pix_fmt": "yuv420p",
-            "crf": crf,
-            "preset": preset,
-            "movflags": "+faststart",
-        }
-        if audio_source is not None:
-            # apad + shortest: audio longer than the video is cut, shorter audio is padded with silence, so
-            # ``shortest`` can never cut the video itself.
-            streams.append(ffmpeg.input(str(audio_source), protocol_whitelist="file")["a:0"].filter("apad"))
-            options.update(acodec="aac", shortest=None)
-        return ffmpeg.output(*streams, str(self.path), **options).overwrite_output().global_args(*_QUIET)
+        # Convert with the BT.709 matrix into TV range ourselves, so the tags below describe the pixels.
+        video = frames["v"].filter("scale", out_color_matrix="bt709", out_range="tv").filter("format", "yuv420p")
+        options = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": preset, **_BT709}
+        if self._video_path == self.path:
+            options["movflags"] = "+faststart"
+        return ffmpeg.output(video, str(self._video_path), **options).overwrite_output().global_args(*_QUIET)
 
     def write(self, frame: np.ndarray) -> None:
         """Append one HxWx3 uint8 RGB frame of exactly (height, width)."""
@@ -360,7 +441,7 @@ class VideoEncoder:
         self.frames_written += 1
 
     def close(self) -> None:
-        """Finish the file: end the stream, wait for ffmpeg, raise (and delete the file) if it failed."""
+        """Finish the file: end the stream, wait for ffmpeg, mux the audio; raise (deleting all files) on failure."""
         if self._closed:
             return
         if self.frames_written == 0:
@@ -373,11 +454,45 @@ class VideoEncoder:
             raise self._fail(f"ffmpeg died before finishing {self.path}") from error
         if self._process.wait() != 0:
             raise self._fail(f"ffmpeg failed writing {self.path}")
+        if self._audio is not None:
+            self._mux_audio(self._audio)
         self._closed = True
         logger.debug("encoded %d frames to %s", self.frames_written, self.path)
 
+    def _mux_audio(self, audio: _AudioPlan) -> None:
+        """Copy the video and add the audio, trimmed (atrim) and padded (apad) to exactly N / fps seconds."""
+        duration = f"{float(self.frames_written / self.fps):.6f}"
+        sound = ffmpeg.input(str(self._audio_source), protocol_whitelist="file")[str(audio.index)]
+        sound = sound.filter("asetpts", "PTS-STARTPTS")  # the track's first sample is t = 0
+        if audio.start > 0:
+            sound = sound.filter("atrim", start=f"{audio.start:.6f}").filter("asetpts", "PTS-STARTPTS")
+        elif audio.start < 0:  # the audio begins after the first video frame: delay it
+            sound = sound.filter("adelay", delays=f"{-audio.start * 1000:.3f}", all=1)
+        sound = sound.filter("apad", whole_dur=duration).filter("atrim", duration=duration)
+        video = ffmpeg.input(str(self._video_path))["v:0"]
+        graph = ffmpeg.output(
+            video,
+            sound,
+            str(self.path),
+            vcodec="copy",
+            acodec="aac",
+            audio_bitrate=self._audio_bitrate,
+            movflags="+faststart",
+        )
+        args = graph.overwrite_output().global_args(*_QUIET).compile(cmd=ffmpeg_executable())
+        process, stderr = _spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        returncode = process.wait()
+        self._video_path.unlink(missing_ok=True)
+        if returncode != 0:
+            self._closed = True
+            self.path.unlink(missing_ok=True)
+            raise FFmpegError(
+                f"ffmpeg failed muxing the audio of {self._audio_source} into {self.path} "
+                f"(exit code {returncode}):\n{stderr.text()}"
+            )
+
     def abort(self) -> None:
-        """Kill ffmpeg and delete the partial file: a half-written video must never be mistaken for a result."""
+        """Kill ffmpeg and delete the partial files: a half-written video must never be mistaken for a result."""
         if self._closed:
             return
         self._closed = True
@@ -388,6 +503,7 @@ class VideoEncoder:
             except BrokenPipeError:
                 pass  # the buffered tail of a killed pipe has nowhere to go
         self._stderr.text()
+        self._video_path.unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
 
     def _fail(self, what: str) -> FFmpegError:
@@ -411,7 +527,10 @@ class VideoEncoder:
 
 
 def encode_video(path: str | Path, frames: Iterable[np.ndarray], fps: float, **kwargs: Any) -> int:
-    """Encode ``frames`` (size taken from the first) to ``path``; returns the number of frames written."""
+    """Encode ``frames`` (size taken from the first) to ``path``; returns the number of frames written.
+
+    ``kwargs`` go to :class:`VideoEncoder` (``crf``, ``preset``, ``audio_source``, ``audio_offset``, …).
+    """
     iterator = iter(frames)
     first = next(iterator, None)
     if first is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,13 +51,41 @@ class ByteTokenizer:
         return input_ids, mask
 
 
+class UMT5Tokenizer:
+    """The umt5-xxl tokenizer from a local folder (transformers' ``AutoTokenizer``), called like ``ByteTokenizer``.
+
+    The official pipeline tokenizes with ``padding="max_length"``, truncation and the special tokens (the closing
+    ``</s>``), and the attention mask marks the prompt; the same call is made here.
+    """
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist (the base model's tokenizer/ folder)")
+        self.folder = folder
+        self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+
+    def __call__(self, prompt: str, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self._tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        return encoded.input_ids, encoded.attention_mask
+
+
 @dataclass
 class FlashPortraitComponents:
     preset: ModelPreset
     transformer: FlashPortraitTransformer
     vae: AutoencoderKLWan
     text_encoder: UMT5EncoderModel
-    tokenizer: ByteTokenizer
+    tokenizer: ByteTokenizer | UMT5Tokenizer
     image_encoder: CLIPVisionModel
     portrait_encoder: PortraitEncoder
 

@@ -7,8 +7,11 @@ portrait: there is no trained tiny model yet). ``flashportrait-14b`` carries the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .portrait_encoder import PortraitEncoderConfig
 
@@ -25,6 +28,8 @@ class SamplingDefaults:
     width: int = 720
     height: int = 720
     fps: float = 25.0
+    # An explicit sigma grid (decreasing, no final 0) replacing the shifted scheduler grid: the step-distilled path.
+    sigmas: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,30 @@ FLASHPORTRAIT_14B = ModelPreset(
     notes="Released FlashPortrait on Wan2.1-I2V-14B-720P; weights from the official checkpoints.",
 )
 
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (TINY, FLASHPORTRAIT_14B)}
+
+def step_distill_sigmas(shift: float = 5.0, steps: tuple[int, ...] = (1000, 750, 500, 250)) -> tuple[float, ...]:
+    """The official fast path's sigmas: shift(σ) = sσ/(1+(s−1)σ) on linspace(1, 0, 1001)[:-1], at 1000 − step.
+
+    Computed in float32 exactly as the official StepDistillScheduler does, so the timesteps σ·1000 the transformer
+    sees are the same bits: [1.0, 0.9375, 0.8333, 0.625] for the default list.
+    """
+    sigmas = torch.linspace(1.0, 0.0, 1001, dtype=torch.float32)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return tuple(float(sigmas[1000 - step]) for step in steps)
+
+
+# The released model with the step-distill LoRA (fast_lora_rank64.safetensors) merged: the official fast_infer.py
+# schedule — 4 Euler steps on a fixed sigma grid — with the same emotion CFG (2 passes per window and step).
+FLASHPORTRAIT_14B_FAST = dataclasses.replace(
+    FLASHPORTRAIT_14B,
+    name="flashportrait-14b-fast",
+    version="flashportrait-14b-fast-v1",
+    sampling=dataclasses.replace(FLASHPORTRAIT_14B.sampling, num_inference_steps=4, sigmas=step_distill_sigmas()),
+    notes="Released FlashPortrait + the step-distill LoRA merged (official fast_infer.py): 4 steps.",
+    extra={"step_distill_lora": "fast_lora_rank64.safetensors"},
+)
+
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (TINY, FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST)}
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -117,3 +117,43 @@ def blend_overlaps(plan: WindowPlan, window_latents: Mapping[int, torch.Tensor])
         total[:, :, window.start : window.stop] += latents.to(torch.float64) * weight.view(1, 1, -1, 1, 1)
         norm[window.start : window.stop] += weight
     return (total / norm.view(1, 1, -1, 1, 1)).to(first.dtype)
+
+
+def blend_sequential_official(
+    plan: WindowPlan, window_latents: Mapping[int, torch.Tensor], blend: bool = True
+) -> torch.Tensor:
+    """The official loop's blend, for parity checks with the reference implementation (not used for rendering).
+
+    Windows are written into a zero buffer in plan order; when ``blend`` (every step but the first), window k's
+    first ``ov`` frames become ``r/(ov−1)·x_k + (1 − r/(ov−1))·buffer`` for r = 0 … ov−1, where the buffer holds what
+    earlier windows wrote in this step (``ov`` = overlap with window k−1). Without ``blend`` (step 0) the last window
+    covering a frame wins. The result depends on the processing order, which is why rendering uses
+    :func:`blend_overlaps` instead.
+
+    Raises:
+        ValueError: a window is missing or two consecutive windows overlap by exactly one frame (the official
+            weights divide by ov − 1 = 0).
+    """
+    missing = [w.index for w in plan.windows if w.index not in window_latents]
+    if missing:
+        raise ValueError(f"blend_sequential_official: no latents for windows {missing}")
+    first = window_latents[plan.windows[0].index]
+    batch, channels, _, height, width = first.shape
+    buffer = first.new_zeros(batch, channels, plan.num_latent_frames, height, width)
+    for k, window in enumerate(plan.windows):
+        latents = window_latents[window.index].clone()
+        if blend and k > 0:
+            previous = plan.windows[k - 1]
+            overlap = previous.stop - window.start
+            if overlap == 1:
+                raise ValueError(
+                    f"windows {previous.index} and {window.index} overlap by one frame; the official ramp r/(ov−1) "
+                    "is undefined there — use an overlap of at least 2"
+                )
+            if overlap > 1:
+                ramp = torch.arange(overlap, dtype=latents.dtype) / (overlap - 1)
+                ramp = ramp.view(1, 1, -1, 1, 1)
+                earlier = buffer[:, :, window.start : previous.stop]
+                latents[:, :, :overlap] = latents[:, :, :overlap] * ramp + earlier * (1 - ramp)
+        buffer[:, :, window.start : window.stop] = latents
+    return buffer

@@ -44,6 +44,7 @@ class ExpressionExtractor(Protocol):
 # name → (module in this package, class name); imported lazily by get_extractor.
 _EXTRACTORS: dict[str, tuple[str, str]] = {
     "landmark": ("landmark", "LandmarkExpressionExtractor"),
+    "pdfgc": ("pdfgc", "PdfgcExpressionExtractor"),
     "pixel": ("pixel", "PixelExpressionExtractor"),
 }
 

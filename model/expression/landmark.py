@@ -14,8 +14,11 @@ Per video, in one streaming pass (only the landmarks, 68 × 2 floats per frame, 
 2. **Track** between key frames with dlib's correlation tracker (scale-adaptive DSST, Danelljan et al. 2014). Its
    peak-to-side-lobe ratio is the confidence: below ``min_tracker_confidence``, or every ``redetect_every`` frames
    to stop slow drift, the face is re-detected near the tracked box (then in the whole frame).
-3. **Landmarks**: the box is resampled to a canonical crop (face ≈ CANONICAL_FACE px) so dlib's integer landmark
-   coordinates are sub-pixel in the frame and the predictor works at one scale for every video.
+3. **Landmarks**: the predictor's box follows the previous frame's landmarks (placed as the detector placed it), not
+   the tracker's box, which wobbles by ~5 % even on identical frames and would make the landmarks jitter; the
+   tracker's motion moves the box only when it exceeds MOTION_DEAD_ZONE, so fast head motion is not lagged. The box
+   is resampled to a canonical crop (face ≈ CANONICAL_FACE px), so dlib's integer landmark coordinates are sub-pixel
+   in the frame and the predictor works at one scale for every video.
 4. Frames where no face was found are **filled** by linear interpolation of the landmarks between the nearest found
    frames (held at the ends) and counted; fewer found frames than ``min_face_fraction`` → :class:`NoFaceError`.
 5. **Smoothing** without lag: a centred Savitzky-Golay filter (``smoothing_window`` frames, quadratic) over each
@@ -54,6 +57,7 @@ CNN_DETECTOR_FILE = "mmod_human_face_detector.dat"
 DETECTORS = ("hog", "cnn")
 SELECTIONS = ("largest", "central")
 CANONICAL_FACE = 256  # px: the face box side in the crop the shape predictor sees
+MOTION_DEAD_ZONE = 0.1  # tracker motion above 10 % of the box per frame moves the box; below: its noise (≤ 5 %)
 MIN_FRAME_SIDE = 16
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in frame pixels
@@ -107,7 +111,7 @@ def _resize_longer_side(image: np.ndarray, side: int) -> tuple[np.ndarray, float
 
 
 def detect_faces(image: np.ndarray, *, detector: str = "hog", detect_size: int = 480) -> list[Box]:
-    """Face boxes in ``image`` (HxWx3 uint8 RGB), in its pixels; a 2× upsampled retry when the first pass finds none."""
+    """Face boxes in ``image`` (HxWx3 uint8 RGB), in its pixels; a 2× upsampled retry when a pass finds none."""
     small, scale = _resize_longer_side(image, detect_size)
     model = _detector(detector)
     for upsample in (0, 1):
@@ -186,63 +190,123 @@ def detect_face_box(
 # ---- tracking ---------------------------------------------------------------------------------------------------
 
 
+def _centre(box: Box) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+
+
+def _shift(box: Box, offset: np.ndarray) -> Box:
+    return box[0] + offset[0], box[1] + offset[1], box[2] + offset[0], box[3] + offset[1]
+
+
+class _BoxRule:
+    """Where the predictor's box sits relative to the face's landmarks, measured on the detection that found it.
+
+    Later boxes come from the previous frame's landmarks by this rule instead of from the tracker, whose box wobbles
+    by up to ~5 % of its size even on identical frames — enough to make the landmarks (and the features) jitter.
+    """
+
+    def __init__(self, box: Box, points: np.ndarray) -> None:
+        centre, radius = self._frame(points)
+        self.offset = (_centre(box) - centre) / radius
+        self.half = np.array([box[2] - box[0], box[3] - box[1]]) / 2 / radius
+
+    @staticmethod
+    def _frame(points: np.ndarray) -> tuple[np.ndarray, float]:
+        centre = points.mean(axis=0)
+        return centre, float(np.sqrt(((points - centre) ** 2).sum(axis=1).mean()))  # RMS radius
+
+    def box(self, points: np.ndarray) -> Box:
+        centre, radius = self._frame(points)
+        middle, half = centre + self.offset * radius, self.half * radius
+        return middle[0] - half[0], middle[1] - half[1], middle[0] + half[0], middle[1] + half[1]
+
+
 class _FaceTracker:
-    """Where the chosen face is, frame after frame: correlation tracking with re-detection (module docstring, 1-2)."""
+    """The chosen face's landmarks, frame after frame (module docstring, steps 1-3).
+
+    The predictor's box comes from the previous landmarks (:class:`_BoxRule`); the correlation tracker runs beside
+    it to say when the face is lost (low confidence) and to carry the box along motions faster than
+    MOTION_DEAD_ZONE of the box per frame, which the previous landmarks alone would lag.
+    """
 
     def __init__(self, extractor: LandmarkExpressionExtractor) -> None:
         self._settings = extractor
         self._tracker: dlib.correlation_tracker | None = None
-        self._box: Box | None = None
+        self._tracked: Box = (0.0, 0.0, 0.0, 0.0)  # the tracker's box in the previous frame
+        self._points: np.ndarray | None = None  # the previous frame's landmarks
+        self._rule: _BoxRule | None = None
         self._since_detection = 0
         self.detections = 0
 
-    def locate(self, frame: np.ndarray) -> Box | None:
-        settings = self._settings
-        small, scale = _resize_longer_side(frame, settings.detect_size)
-        frame_size = (frame.shape[1], frame.shape[0])
-        if self._tracker is not None and self._box is not None:
-            confidence = self._tracker.update(small)
-            position = self._tracker.get_position()
-            tracked: Box = tuple(
-                v / scale for v in (position.left(), position.top(), position.right(), position.bottom())
-            )  # type: ignore[assignment]
-            self._since_detection += 1
-            confident = confidence >= settings.min_tracker_confidence
-            if confident and self._since_detection < settings.redetect_every:
-                self._box = tracked
-                return tracked
+    def landmarks(self, frame: np.ndarray) -> np.ndarray | None:
+        """[68, 2] landmarks of the face in ``frame``, or None when no face is found."""
+        small, scale = _resize_longer_side(frame, self._settings.detect_size)
+        if self._tracker is not None and self._follow(frame, small, scale):
+            return self._points
+        return self._acquire(frame, small, scale)
+
+    def _follow(self, frame: np.ndarray, small: np.ndarray, scale: float) -> bool:
+        """Carry the face into this frame; False when it is lost (low confidence and not re-detected nearby)."""
+        assert self._tracker is not None and self._rule is not None and self._points is not None
+        confidence = self._tracker.update(small)
+        position = self._tracker.get_position()
+        tracked: Box = (
+            position.left() / scale,
+            position.top() / scale,
+            position.right() / scale,
+            position.bottom() / scale,
+        )
+        motion = _centre(tracked) - _centre(self._tracked)
+        self._since_detection += 1
+        confident = confidence >= self._settings.min_tracker_confidence
+        if not confident or self._since_detection >= self._settings.redetect_every:
             found = self._detect_near(frame, tracked)
+            if found is None and not confident:
+                self._tracker = None
+                return False
             if found is not None:
-                return self._restart(small, scale, found)
-            if confident:  # the detector missed a face the tracker still holds firmly (e.g. a turned head)
-                self._box, self._since_detection = tracked, 0
-                return tracked
-            self._tracker = None
+                self._start_tracker(small, scale, found)
+                tracked = found
+            self._since_detection = 0
+        box = self._rule.box(self._points)
+        if np.hypot(*motion) > MOTION_DEAD_ZONE * (box[2] - box[0]):
+            box = _shift(box, motion)
+        self._points = predict_landmarks(frame, box)
+        self._tracked = tracked
+        return True
+
+    def _acquire(self, frame: np.ndarray, small: np.ndarray, scale: float) -> np.ndarray | None:
+        """Detect in the whole frame; prefer the face the track last held, else the ``selection`` rule."""
+        settings = self._settings
         boxes = detect_faces(frame, detector=settings.detector, detect_size=settings.detect_size)
         if not boxes:
             return None
-        return self._restart(small, scale, select_face(boxes, frame_size, settings.selection, self._box))
+        previous = self._rule.box(self._points) if self._rule is not None and self._points is not None else None
+        box = select_face(boxes, (frame.shape[1], frame.shape[0]), settings.selection, previous)
+        self._points = predict_landmarks(frame, box)
+        self._rule = _BoxRule(box, self._points)
+        self._start_tracker(small, scale, box)
+        self._tracked, self._since_detection = box, 0
+        return self._points
 
     def _detect_near(self, frame: np.ndarray, box: Box) -> Box | None:
         """Detection in the region of twice the box around it: cheap, and it keeps the same person."""
         width, height = box[2] - box[0], box[3] - box[1]
         left, top = int(max(0, box[0] - width / 2)), int(max(0, box[1] - height / 2))
         right, bottom = int(min(frame.shape[1], box[2] + width / 2)), int(min(frame.shape[0], box[3] + height / 2))
-        if right - left < 16 or bottom - top < 16:
+        if right - left < MIN_FRAME_SIDE or bottom - top < MIN_FRAME_SIDE:
             return None
         region = frame[top:bottom, left:right]
-        boxes = detect_faces(region, detector=self._settings.detector, detect_size=max(region.shape[:2]))
+        size = min(max(region.shape[:2]), self._settings.detect_size)  # the face fills half the region: enough
+        boxes = detect_faces(region, detector=self._settings.detector, detect_size=size)
         if not boxes:
             return None
-        shifted = [(b[0] + left, b[1] + top, b[2] + left, b[3] + top) for b in boxes]
-        return max(shifted, key=lambda b: _iou(b, box))
+        return max((_shift(b, np.array([left, top])) for b in boxes), key=lambda b: _iou(b, box))
 
-    def _restart(self, small: np.ndarray, scale: float, box: Box) -> Box:
+    def _start_tracker(self, small: np.ndarray, scale: float, box: Box) -> None:
         self._tracker = dlib.correlation_tracker()
         self._tracker.start_track(small, dlib.drectangle(*(v * scale for v in box)))
-        self._box, self._since_detection = box, 0
         self.detections += 1
-        return box
 
 
 # ---- the extractor ----------------------------------------------------------------------------------------------
@@ -335,8 +399,7 @@ class LandmarkExpressionExtractor:
                     f"{source}: frame {index} is {size[0]}x{size[1]}, frame 0 {frame_size[0]}x{frame_size[1]}"
                 )
             frame_size = size
-            box = tracker.locate(rgb)
-            points.append(None if box is None else predict_landmarks(rgb, box))
+            points.append(tracker.landmarks(rgb))
         if frame_size is None:
             raise ValueError(f"{source} has no frames; the landmark extractor needs at least one")
         detected = np.array([p is not None for p in points])
@@ -355,8 +418,8 @@ class LandmarkExpressionExtractor:
         smallest = round(80 / self.detect_size * max(frame_size) / 2)
         raise NoFaceError(
             f"{source}: a face was found in {found} of {total} frames ({found / total:.0%}); the landmark "
-            f"extractor needs one in at least {self.min_face_fraction:.0%} (min_face_fraction). Use a video that shows "
-            f"one roughly frontal face at least ~{smallest} px wide in most frames, or lower min_face_fraction."
+            f"extractor needs one in at least {self.min_face_fraction:.0%} (min_face_fraction). Use a video that "
+            f"shows one roughly frontal face at least ~{smallest} px wide in most frames, or lower min_face_fraction."
         )
 
 

@@ -75,6 +75,7 @@ INNER_BROWS = ((20, 21), (22, 23))
 OUTER_BROWS = ((17, 18), (25, 26))
 INNER_LIP_PAIRS = ((61, 67), (62, 66), (63, 65))
 EMOTION_POINTS = (*range(17, 27), 48, 54, 57)
+MIN_NEUTRAL_EAR = 0.1  # open eyes measure 0.2-0.35
 REST_QUANTILE = 0.25  # the neutral shape is the median over the frames whose mouth is this least open
 ALIGN_ITERATIONS = 3  # generalised Procrustes: align to frame 0, then twice to the mean aligned anchors
 MOUTH_GRID = (16, 32)  # rows, columns
@@ -238,7 +239,11 @@ def _headpose(track: AlignedTrack, landmarks: np.ndarray, frame_size: tuple[int,
 
 
 def _eye(track: AlignedTrack) -> np.ndarray:
-    columns = [_eye_aspect(track.aligned, eye) / _eye_aspect(track.neutral, eye) - 1.0 for eye in EYES]
+    # A neutral EAR below MIN_NEUTRAL_EAR (eyes shut in most rest frames) would blow the ratio up: floor it.
+    columns = [
+        _eye_aspect(track.aligned, eye) / max(float(_eye_aspect(track.neutral, eye)), MIN_NEUTRAL_EAR) - 1.0
+        for eye in EYES
+    ]
     for brows in (INNER_BROWS, OUTER_BROWS):
         for points in brows:
             height = track.aligned[:, list(points), 1].mean(axis=1)

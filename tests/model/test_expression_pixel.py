@@ -50,8 +50,8 @@ class TestLayout:
         assert "pixel" in available_extractors()
 
     def test_registry_rejects_unknown_name(self) -> None:
-        with pytest.raises(ValueError, match=r"unknown expression extractor 'pdfgc'; choose one of \[.*'pixel'"):
-            get_extractor("pdfgc")
+        with pytest.raises(ValueError, match=r"unknown expression extractor 'no-such'; choose one of \[.*'pixel'"):
+            get_extractor("no-such")
 
 
 class TestFeatures:
