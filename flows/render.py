@@ -29,13 +29,14 @@ from flashportrait.actors.cluster import RayClusterSettings, connect
 from flashportrait.actors.coordinator import RayDenoiseBackend, WorkerPool, WorkerPoolSettings
 from flashportrait.actors.errors import BackendUnavailable
 from flashportrait.infra import storage, video_io
-from flashportrait.infra.images import fit_reference
+from flashportrait.infra.images import fit_image
 from flashportrait.infra.limits import Limits
-from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video
+from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video, sandbox_limits
 from flashportrait.infra.redact import install_log_redaction, redact, redact_value
 from flashportrait.infra.tables import read_manifest_records, write_report
 from flashportrait.infra.urls import UrlPolicy
 from flashportrait.model.expression import get_extractor
+from flashportrait.model.expression.landmark import detect_face_box
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, GenerationResult
 from flashportrait.model.presets import get_preset
 
@@ -46,6 +47,9 @@ from .publishing import Existing, JobOutputs, PublishConflict, check_existing, j
 logger = logging.getLogger(__name__)
 
 Backend = Callable[..., GenerationResult]
+# Driving frames are decoded for expression extraction at most this large (the model's own size can be far too
+# small to find a face in, and full 4K frames would only cost time).
+EXTRACTION_MAX_SIDE = 640
 # (job id, steps done, total steps): set by the CLI to drive its progress bar; None in deployments.
 ProgressSink = Callable[[str, int, int], None]
 progress_sink: ProgressSink | None = None
@@ -55,7 +59,7 @@ class RenderSettings(BaseModel):
     """How to render; the same for every job of a run (a row may override steps, size, fps, seed, prompt)."""
 
     preset: str = "tiny"
-    extractor: str = "pixel"
+    extractor: str = "landmark"
     workers: int = 2  # 0 = in-process single-device pipeline, no Ray
     ray_address: str | None = None
     steps: int | None = None
@@ -165,20 +169,29 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         scratch_dir = Path(scratch)
         # 1. Inputs: size-checked, fetched into the job's scratch directory, inspected in the sandbox.
         limits = settings.resource_limits()
-        reference_path = _fetch(job.reference, scratch_dir / "reference", "reference", limits)
-        driving_path = _fetch(job.driving, scratch_dir / "driving", "driving", limits)
+        reference_path = _fetch(job.reference, scratch_dir / f"reference{_suffix(job.reference)}", "reference", limits)
+        driving_path = _fetch(job.driving, scratch_dir / f"driving{_suffix(job.driving)}", "driving", limits)
         info = inspect_video(driving_path, limits)
         fps = float(job.fps or info.fps)
         _check_output_fps(fps, info.duration, limits)
         reference_pixels, reference_info = inspect_image(reference_path, scratch_dir / "reference.npy", limits)
-        # 2. Driving video at the job's fps (default: its own), truncated to 4k+1 frames, then expressions.
-        frames = video_io.read_frames_4k_plus_1(driving_path, fps=fps, size=(width, height))
-        features = get_extractor(settings.extractor).extract(frames)
-        del frames
-        # 3. Reference fitted to the model resolution (from the sandbox's decode, re-encoded as a plain PNG).
-        sanitized = scratch_dir / "reference.png"
-        Image.fromarray(reference_pixels).save(sanitized)
-        reference = fit_reference(sanitized, width, height)
+        # 2. Driving video streamed at the job's fps (default: its own) through a sandboxed ffmpeg, at a size faces
+        #    can be found in, into the expression extractor; then cut to the largest 4k+1 frame count.
+        frames = video_io.iter_frames(
+            driving_path,
+            fps=fps,
+            max_side=EXTRACTION_MAX_SIDE,
+            max_frames=limits.max_frames,
+            info=info.video_info(),
+            preexec_fn=sandbox_limits(limits),
+        )
+        features = get_extractor(settings.extractor).extract(frames, source=redact(job.driving))
+        features = features[: video_io.largest_4k_plus_1(len(features))]
+        # 3. Reference (the sandbox's decode) fitted to the model resolution around the detected face.
+        face_box = detect_face_box(reference_pixels)
+        if face_box is None:
+            logger.warning("job %s: no face found in the reference; using a centred crop", job.id)
+        reference = fit_image(Image.fromarray(reference_pixels), width, height, face_box=face_box)
         # 4. Denoise + decode.
         request = GenerationRequest(
             reference=reference.pixels,
@@ -190,7 +203,16 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         result = backend(request, progress=_job_progress(job.id))
         # 5. Encode locally (faststart needs a seekable file), then publish: video, then the sidecar.
         video_path = scratch_dir / "output.mp4"
-        video_io.encode_video(video_path, iter(result.frames), fps, crf=settings.crf, preset=settings.encoder_preset)
+        # Output frame k is driving frame k (frame 0, the reference, was dropped), so the audio starts at 1/fps.
+        video_io.encode_video(
+            video_path,
+            iter(result.frames),
+            fps,
+            crf=settings.crf,
+            preset=settings.encoder_preset,
+            audio_source=driving_path if info.has_audio else None,
+            audio_offset=1.0 / fps,
+        )
         outcome = RenderResult(
             id=job.id,
             line=job.line,
@@ -209,6 +231,9 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             windows=result.stats.windows,
             extra={
                 "reference_crop_box": list(reference.crop_box),
+                "reference_face_box": list(face_box) if face_box else None,
+                "reference_padded": reference.padded,
+                "driving_frames_used": int(features.shape[0]),
                 "reference_normalised": reference_info.normalised,
                 "driving_fps": info.fps,
                 "driving_container": info.container,
@@ -239,6 +264,13 @@ def _fetch(url: str, dest: Path, field_name: str, limits: Limits) -> Path:
     if size == 0:
         raise MediaRejected(f"{field_name}: the file is empty")
     return storage.download(url, dest)
+
+
+def _suffix(url: str) -> str:
+    """The URL's file extension if it is a plain one (kept so format notes can compare name and content)."""
+    name = url.split("?", 1)[0].rsplit("/", 1)[-1]
+    suffix = Path(name).suffix.lower()
+    return suffix if suffix[1:].isalnum() and len(suffix) <= 6 else ""
 
 
 def _check_output_fps(fps: float, duration: float, limits: Limits) -> None:
@@ -438,7 +470,7 @@ def render_manifest(
     preset: str = "tiny",
     workers: int = 2,
     ray_address: str | None = None,
-    extractor: str = "pixel",
+    extractor: str = "landmark",
     steps: int | None = None,
     force: bool = False,
     settings: RenderSettings | None = None,

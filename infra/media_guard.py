@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .limits import Limits
+from .video_io import VideoInfo
 
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ class VideoInspection:
     codec: str
     has_audio: bool
     rotation: int
+    probe: dict  # the full VideoInfo from the sandboxed probe
+
+    def video_info(self) -> VideoInfo:
+        """The probe as ``video_io.VideoInfo``, so decoding need not probe the untrusted file again in-process."""
+        return VideoInfo(**self.probe)
 
 
 def inspect_image(

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 
-# Containers a driving video may use (libav demuxer names); playlists, concat scripts, image sequences, lavfi and
-# every network demuxer are refused whatever the file is called.
-ALLOWED_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "mpegts", "avi"})
 ALLOWED_IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"})
 # Source frame rates beyond this are metadata nonsense, not video (a zero timescale reads as 1/512 fps, etc.).
 MAX_SOURCE_FPS = 1000.0
@@ -78,7 +76,7 @@ def inspect_image(path: str, out_npy: str, limits: dict) -> dict:
             notes.append("exif-rotated")
         rgb = to_rgb8(oriented, notes)
     named = EXTENSION_FORMATS.get(Path(path).suffix.lower().lstrip("."))
-    if named != image.format:
+    if named is not None and named != image.format:
         notes.append(f"content is {image.format} whatever the file name says")
     pixels = np.asarray(rgb, dtype=np.uint8)
     np.save(out_npy, pixels, allow_pickle=False)
@@ -116,7 +114,7 @@ def to_rgb8(image, notes: list[str]):
 def inspect_video(path: str, limits: dict) -> dict:
     import av
 
-    from flashportrait.infra.video_io import probe_video
+    from flashportrait.infra.video_io import ALLOWED_CONTAINERS, probe_video
 
     try:
         with av.open(path, metadata_errors="ignore") as container:
@@ -134,6 +132,7 @@ def inspect_video(path: str, limits: dict) -> dict:
         raise Rejected(f"not a readable video ({error}); re-encode it to H.264 MP4") from None
     try:
         info = probe_video(path)
+        probe = asdict(info)
     except (ValueError, RuntimeError) as error:
         raise Rejected(str(error)) from None
     check_size(info.width, info.height, limits, "video")
@@ -158,7 +157,8 @@ def inspect_video(path: str, limits: dict) -> dict:
         "container": container_name,
         "codec": info.codec,
         "has_audio": info.has_audio,
-        "rotation": getattr(info, "rotation", 0),
+        "rotation": info.rotation,
+        "probe": probe,
     }
 
 

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 _QUIET = ("-hide_banner", "-nostdin", "-loglevel", "error")
 # BT.709, TV range: the conversion and the tags of every file we write.
 _BT709 = {"colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
+
+
+# Containers (libav demuxer names) a driving video may use; playlists, concat scripts, image sequences, lavfi and
+# every network demuxer are refused whatever the file is called.
+ALLOWED_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "mpegts", "avi"})
 
 
 class FFmpegError(RuntimeError):
@@ -203,9 +208,11 @@ class _StderrTail:
         return "\n".join(self._lines) or "(ffmpeg printed nothing)"
 
 
-def _spawn(args: list[str], *, stdin: int, stdout: int) -> tuple[subprocess.Popen[bytes], _StderrTail]:
+def _spawn(
+    args: list[str], *, stdin: int, stdout: int, preexec_fn: Callable[[], None] | None = None
+) -> tuple[subprocess.Popen[bytes], _StderrTail]:
     logger.debug("running %s", " ".join(args))
-    process = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    process = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
     assert process.stderr is not None
     return process, _StderrTail(process.stderr)
 
@@ -242,15 +249,19 @@ def iter_frames(
     size: tuple[int, int] | None = None,
     max_side: int | None = None,
     max_frames: int | None = None,
+    info: VideoInfo | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode ``path`` frame by frame as HxWx3 uint8 RGB frames, at a constant frame rate.
 
     ``fps`` is the output rate (default: the stream's average rate): ffmpeg's fps filter drops or repeats frames so
     frame k shows what the source shows at k / fps, also for variable-rate sources. ``size`` = (width, height)
     scales to exactly that size; ``max_side`` instead only shrinks, keeping the aspect ratio (:func:`fit_within`).
-    Only one frame is in memory at a time; stopping the iteration early kills ffmpeg.
+    Only one frame is in memory at a time; stopping the iteration early kills ffmpeg. ``info`` skips the probe
+    (pass what a sandboxed probe returned for untrusted files); ``preexec_fn`` runs in the ffmpeg child before exec
+    (resource limits). Only the demuxers in ``ALLOWED_CONTAINERS`` and the ``file`` protocol are enabled.
     """
-    info = probe_video(path)
+    info = info or probe_video(path)
     if size is not None and max_side is not None:
         raise ValueError(f"pass size or max_side for {path}, not both.")
     if max_side is not None:
@@ -262,7 +273,7 @@ def iter_frames(
         raise ValueError(f"max_frames must be at least 1, got {max_frames} for {path}.")
     rate = fps or info.fps
     args = _decode_graph(path, info.stream_index, rate, size, max_frames).compile(cmd=ffmpeg_executable())
-    process, stderr = _spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    process, stderr = _spawn(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, preexec_fn=preexec_fn)
     assert process.stdout is not None
     frame_bytes = width * height * 3
     try:
@@ -283,7 +294,10 @@ def iter_frames(
 def _decode_graph(
     path: str | Path, stream_index: int, fps: float, size: tuple[int, int] | None, max_frames: int | None
 ) -> Any:
-    video = ffmpeg.input(str(path), protocol_whitelist="file")[str(stream_index)]
+    # Demuxer and protocol allow-lists: a playlist or concat script named .mp4 cannot make ffmpeg open anything else.
+    video = ffmpeg.input(str(path), protocol_whitelist="file", format_whitelist=",".join(sorted(ALLOWED_CONTAINERS)))[
+        str(stream_index)
+    ]
     video = video.filter("fps", fps=_rate(fps))  # constant rate, whatever the source's timestamps
     if size is not None:
         video = video.filter("scale", size[0], size[1])

@@ -33,12 +33,13 @@ class ExpressionExtractor(Protocol):
     """Turns a driving video's frames into per-frame expression vectors.
 
     ``extract`` takes frames as HxWx3 uint8 RGB arrays (an iterable, so a long video can be streamed) and returns
-    float32 [N, FEATURE_DIM] in the layout above, one row per frame, in frame order.
+    float32 [N, FEATURE_DIM] in the layout above, one row per frame, in frame order. ``source`` names the video
+    in error messages (a redacted URL), so a failed row says which input had no usable face.
     """
 
     name: str
 
-    def extract(self, frames: Iterable[np.ndarray]) -> np.ndarray: ...
+    def extract(self, frames: Iterable[np.ndarray], *, source: str = "the driving video") -> np.ndarray: ...
 
 
 # name → (module in this package, class name); imported lazily by get_extractor.

@@ -279,7 +279,7 @@ class PdfgcExpressionExtractor:
         return list(track_landmarks(self._bgr(frames), self.detector, self.landmarks))
 
     @torch.no_grad()
-    def extract(self, frames: Iterable[np.ndarray]) -> np.ndarray:
+    def extract(self, frames: Iterable[np.ndarray], *, source: str = "the driving video") -> np.ndarray:
         """RGB uint8 frames → float32 [N, 554], streamed: frames are cropped as soon as their landmarks are known and
         encoded in batches (only frames before the first visible face wait for it)."""
         rows: list[torch.Tensor] = []

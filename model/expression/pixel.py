@@ -147,7 +147,7 @@ class PixelExpressionExtractor:
 
     name = "pixel"
 
-    def extract(self, frames: Iterable[np.ndarray]) -> np.ndarray:
+    def extract(self, frames: Iterable[np.ndarray], *, source: str = "the driving video") -> np.ndarray:
         """Frames (HxWx3 uint8 RGB, all the same size, ≥ 16×16) → float32 [N, 554], row 0 all zeros.
 
         Raises:
