@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -25,6 +26,8 @@ class RayClusterSettings:
     num_gpus: int | None = None  # local cluster only
     object_store_memory: int | None = 200 << 20  # local cluster only; Ray's minimum is 75 MiB
     namespace: str = "flashportrait"
+    # ray.init(address=…) to a dead head retries for minutes; a plain TCP connect answers in this bound instead.
+    connect_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ def connect(settings: RayClusterSettings) -> ClusterInfo:
                 configure_logging=False,
             )
         else:
+            _check_reachable(address, settings.connect_timeout_s)
             try:
                 ray.init(address=address, namespace=settings.namespace, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError) as exc:
@@ -70,6 +74,23 @@ def connect(settings: RayClusterSettings) -> ClusterInfo:
     )
     logger.info("Ray cluster %s: %d node(s), %.0f CPU, %.0f GPU", info.address, info.nodes, info.cpus, info.gpus)
     return info
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast (ConnectionError → exit 2) when the Ray head's GCS port does not accept connections."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379) or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ConnectionError(
+            f"the Ray head at {address} is unreachable within {timeout_s:g} s ({exc}); start it with "
+            "`ray start --head --port PORT` or fix --ray-address / RAY_ADDRESS"
+        ) from exc
 
 
 def shutdown() -> None:
