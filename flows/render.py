@@ -200,7 +200,8 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             seed=job.seed,
             num_inference_steps=job.steps or settings.steps,
         )
-        result = backend(request, progress=_job_progress(job.id))
+        deadline = started + limits.row_timeout_s
+        result = backend(request, progress=_job_progress(job.id, deadline, limits.row_timeout_s))
         # 5. Encode locally (faststart needs a seekable file), then publish: video, then the sidecar.
         video_path = scratch_dir / "output.mp4"
         # Output frame k is driving frame k (frame 0, the reference, was dropped), so the audio starts at 1/fps.
@@ -287,11 +288,24 @@ def _check_output_fps(fps: float, duration: float, limits: Limits) -> None:
         )
 
 
-def _job_progress(job_id: str) -> Callable[[int, int], None] | None:
+class RowTimeout(TimeoutError):
+    """The row ran past ``row_timeout_s``; checked after every denoising step, so a stuck row gives its time back."""
+
+
+def _job_progress(job_id: str, deadline: float, timeout_s: float) -> Callable[[int, int], None]:
+    """Per-step callback: feeds the CLI's progress bar and enforces the row's wall-clock limit."""
     sink = progress_sink
-    if sink is None:
-        return None
-    return lambda done, total: sink(job_id, done, total)
+
+    def progress(done: int, total: int) -> None:
+        if sink is not None:
+            sink(job_id, done, total)
+        if done < total and time.monotonic() > deadline:
+            raise RowTimeout(
+                f"exceeded row_timeout_s ({timeout_s:g} s) after step {done} of {total}; lower the steps or the "
+                "video length, or raise --row-timeout-s"
+            )
+
+    return progress
 
 
 def _sidecar(
@@ -370,7 +384,8 @@ def render_job_task(job: Job, output_prefix: str, backend: Backend, settings: Re
     except (BackendUnavailable, RunCancelled, KeyboardInterrupt):
         raise
     except Exception as exc:  # one bad job never sinks the batch; its reason goes to the report
-        detail = str(exc) if isinstance(exc, MediaRejected | PublishConflict) else f"{type(exc).__name__}: {exc}"
+        known = MediaRejected | PublishConflict | RowTimeout
+        detail = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
         reason = redact(f"row {job.id!r}: {detail}")
         log.error("job %s (line %d) failed: %s", job.id, job.line, reason)
         return RenderResult(job.id, job.line, "failed", reason)

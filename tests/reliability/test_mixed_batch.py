@@ -87,3 +87,17 @@ def test_bad_rows_fail_alone(s3_bucket, prefect_harness, tmp_path):
     statuses = {r["line"]: r["status"] for r in again.results}
     assert statuses[1] == statuses[12] == "skipped"  # a re-run renders exactly what is not done
     assert all(statuses[line] == "failed" for line in expected)
+
+
+def test_row_timeout_fails_the_row_not_the_batch(tmp_path, prefect_harness):
+    for name in ("reference.png", "driving_short.mp4"):
+        (tmp_path / name).write_bytes((EXAMPLES / name).read_bytes())
+    rows = [{"id": "slow", "reference": "reference.png", "driving": "driving_short.mp4", "steps": 50}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from flashportrait.flows.render import RenderSettings
+
+    settings = RenderSettings(workers=0, limits={"row_timeout_s": 0.01})
+    summary = render_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), settings=settings)
+    (row,) = summary.results
+    assert row["status"] == "failed" and "exceeded row_timeout_s (0.01 s) after step 1 of 50" in row["reason"]
+    assert not (tmp_path / "out" / "slow.mp4").exists()
