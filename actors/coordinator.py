@@ -18,15 +18,17 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from flashportrait.model.alp import AlpJobStats, AlpPlan, AlpWindowStats
 from flashportrait.model.pipeline_flashportrait import (
     GenerationRequest,
     GenerationResult,
     GenerationStats,
     ProgressCallback,
+    resolve_alp_plan,
 )
 from flashportrait.model.presets import get_preset
 from flashportrait.model.sampling import initial_noise
-from flashportrait.model.windows import Window, blend_overlaps
+from flashportrait.model.windows import Window, WindowPlan, blend_overlaps
 
 from .worker import WindowWorker, WorkerInfo
 
@@ -96,7 +98,39 @@ class RayDenoiseBackend:
         start = time.perf_counter()
         request.check(self.preset)
         plan = request.window_plan(self.preset)
-        inputs_ref = ray.put(request.conditioning_inputs(self.preset))
+        # ALP's schedule is resolved here (a planned schedule's calibration runs on the workers once per model) and
+        # travels to every worker inside the conditioning inputs, so workers never decide it differently.
+        alp_plan, seconds_calibration = resolve_alp_plan(request, self.preset, plan, self._calibration_run)
+        latents, calls, alp_windows, busy, workers = self._denoise(request, plan, alp_plan, progress)
+        denoised = time.perf_counter()
+        frames = ray.get(self.pool.actors[0].decode.remote(latents), timeout=self.pool.settings.step_timeout_s)
+        stats = GenerationStats(
+            transformer_calls=calls,
+            windows=len(plan.windows),
+            steps=request.sampling_config(self.preset).num_inference_steps,
+            seconds_denoising=denoised - start,
+            seconds_decoding=time.perf_counter() - denoised,
+            seconds_orchestration=max(0.0, (denoised - start) - seconds_calibration - busy),
+            extra={"workers": workers},
+        )
+        if alp_plan is not None:
+            stats.alp = AlpJobStats.collect(alp_plan, alp_windows, seconds_calibration)
+        return GenerationResult(frames[1:], stats)
+
+    def _calibration_run(self, request: GenerationRequest, alp_plan: AlpPlan) -> AlpJobStats:
+        _, _, alp_windows, _, _ = self._denoise(request, request.window_plan(self.preset), alp_plan, None)
+        return AlpJobStats.collect(alp_plan, alp_windows)
+
+    def _denoise(
+        self,
+        request: GenerationRequest,
+        plan: WindowPlan,
+        alp_plan: AlpPlan | None,
+        progress: ProgressCallback | None,
+    ) -> tuple[np.ndarray, int, list[AlpWindowStats], float, int]:
+        """The step loop; returns (latents, transformer calls, ALP window stats, seconds waiting on workers,
+        workers)."""
+        inputs_ref = ray.put(request.conditioning_inputs(self.preset, alp_plan))
         steps = request.sampling_config(self.preset).num_inference_steps
         shards = [
             (actor, shard)
@@ -122,22 +156,14 @@ class RayDenoiseBackend:
                 latents = blend_overlaps(plan, _as_tensors(stepped)).numpy()
                 if progress is not None:
                     progress(step + 1, steps)
-            denoised = time.perf_counter()
-            frames = ray.get(self.pool.actors[0].decode.remote(latents), timeout=self.pool.settings.step_timeout_s)
             calls = sum(ray.get([actor.transformer_calls.remote(job_key) for actor, _ in shards]))
+            alp_windows = [
+                w for part in ray.get([a.alp_window_stats.remote(job_key) for a, _ in shards]) for w in part
+            ]
         finally:
             for actor, _ in shards:
                 actor.release.remote(job_key)
-        stats = GenerationStats(
-            transformer_calls=calls,
-            windows=len(plan.windows),
-            steps=steps,
-            seconds_denoising=denoised - start,
-            seconds_decoding=time.perf_counter() - denoised,
-            seconds_orchestration=max(0.0, (denoised - start) - busy),
-            extra={"workers": len(shards)},
-        )
-        return GenerationResult(frames[1:], stats)
+        return latents, calls, alp_windows, busy, len(shards)
 
     def _gather(self, refs: list, job_key: str, step: int) -> dict[int, np.ndarray]:
         """Wait on every shard at once (never one blocking get at a time) with a deadline."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from flashportrait.model.alp import AlpWindowStats
 from flashportrait.model.components import decode_latents
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline
 from flashportrait.model.sampling import JobConditioningInputs, WindowDenoiser, grid_for, step_windows
@@ -81,6 +82,11 @@ class WindowWorker:
     def transformer_calls(self, job_key: str) -> int:
         job = self._jobs.get(job_key)
         return job[0].transformer_calls if job else 0
+
+    def alp_window_stats(self, job_key: str) -> list[AlpWindowStats]:
+        """ALP's per-window statistics for the windows this worker advanced (empty without ALP)."""
+        job = self._jobs.get(job_key)
+        return job[0].alp_window_stats() if job else []
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         from flashportrait.model import runtime

@@ -2,6 +2,11 @@
 
 ``__call__`` is a numbered recipe over the modules that hold the algorithm (windows, sampling, components); the
 Ray coordinator runs the same recipe with the window steps scattered over workers.
+
+Adaptive Latent Prediction (``GenerationRequest.alp``) is resolved here, before sampling, by ``resolve_alp_plan``
+(the coordinator calls it too): a ``planned`` schedule needs the model's variation profile, which one all-full run
+of a single window on a fixed calibration input produces once per (model, sampler, steps, window shape) and a disk
+cache keeps. The resolved ``AlpPlan`` travels inside the sampling config, so every worker uses the same schedule.
 """
 
 from __future__ import annotations
@@ -9,12 +14,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .components import FlashPortraitComponents, build_components, decode_latents
+from .alp import (
+    AdaptiveLatentPredictionConfig,
+    AlpJobStats,
+    AlpPlan,
+    ProfileCache,
+    VariationProfile,
+    profile_key,
+    resolve_alp_config,
+)
+from .components import SPATIAL_COMPRESSION, FlashPortraitComponents, build_components, decode_latents
 from .presets import ModelPreset, get_preset
 from .sampling import (
     JobConditioningInputs,
@@ -31,6 +46,10 @@ from .windows import WindowPlan, blend_overlaps, plan_windows
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+# Runs one sampling job with an already resolved ALP plan and returns its ALP statistics (the single-device pipeline
+# runs it locally, the coordinator on its workers): how a planned schedule's calibration run is executed.
+CalibrationRunner = Callable[["GenerationRequest", AlpPlan], AlpJobStats]
+CALIBRATION_SEED = 20260424
 
 
 @dataclass(frozen=True)
@@ -48,6 +67,11 @@ class GenerationRequest:
     ip_scale: float | None = None
     context_size: int | None = None
     context_overlap: int | None = None
+    # Adaptive Latent Prediction: a preset name of ALP_PRESETS ("off", "balanced", "fast", "paper") or a config.
+    alp: str | AdaptiveLatentPredictionConfig | None = None
+
+    def alp_config(self) -> AdaptiveLatentPredictionConfig | None:
+        return resolve_alp_config(self.alp)
 
     def sampling_config(self, preset: ModelPreset) -> SamplingConfig:
         d = preset.sampling
@@ -66,13 +90,14 @@ class GenerationRequest:
             self.context_overlap or preset.sampling.context_overlap,
         )
 
-    def conditioning_inputs(self, preset: ModelPreset) -> JobConditioningInputs:
+    def conditioning_inputs(self, preset: ModelPreset, alp_plan: AlpPlan | None = None) -> JobConditioningInputs:
+        """What every worker needs; ``alp_plan`` (from ``resolve_alp_plan``) rides inside the sampling config."""
         return JobConditioningInputs(
             reference=self.reference,
             expression_features=self.expression_features.astype(np.float32, copy=False),
             prompt=self.prompt,
             negative_prompt=self.negative_prompt or preset.negative_prompt,
-            sampling=self.sampling_config(preset),
+            sampling=replace(self.sampling_config(preset), alp=alp_plan),
         )
 
     def check(self, preset: ModelPreset) -> None:
@@ -91,6 +116,9 @@ class GenerationRequest:
                 f"expression_features must be [frames, {expected}], got {tuple(self.expression_features.shape)}"
             )
         num_latent_frames(self.expression_features.shape[0])
+        alp = self.alp_config()
+        if alp is not None:
+            alp.full_step_budget(self.sampling_config(preset).num_inference_steps)
 
     def latent_shape(self, components: FlashPortraitComponents, num_latent: int) -> tuple[int, ...]:
         height, width = self.reference.shape[:2]
@@ -107,6 +135,7 @@ class GenerationStats:
     seconds_decoding: float = 0.0
     seconds_orchestration: float = 0.0
     extra: dict = field(default_factory=dict)
+    alp: AlpJobStats | None = None  # per-window full/predicted steps, block-equivalents, state memory, seconds
 
 
 @dataclass
@@ -127,17 +156,37 @@ class FlashPortraitPipeline:
     @torch.no_grad()
     def denoise(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """Steps 1–4 of the recipe; returns the final latents and the number of transformer calls."""
-        # 1. Check the request and lay the windows over the latent frames.
+    ) -> tuple[torch.Tensor, GenerationStats]:
+        """Steps 1–4 of the recipe; returns the final latents and the denoising statistics."""
+        start = time.perf_counter()
+        # 1. Check the request, lay the windows over the latent frames, resolve ALP's schedule.
         request.check(self.preset)
         plan = request.window_plan(self.preset)
-        inputs = request.conditioning_inputs(self.preset)
+        alp_plan, seconds_calibration = resolve_alp_plan(request, self.preset, plan, self.calibration_run)
+        latents, denoiser = self._sample(request, plan, alp_plan, progress)
+        stats = GenerationStats(
+            transformer_calls=denoiser.transformer_calls,
+            windows=len(plan.windows),
+            steps=request.sampling_config(self.preset).num_inference_steps,
+            seconds_denoising=time.perf_counter() - start,
+        )
+        if alp_plan is not None:
+            stats.alp = AlpJobStats.collect(alp_plan, denoiser.alp_window_stats(), seconds_calibration)
+        return latents, stats
+
+    def _sample(
+        self,
+        request: GenerationRequest,
+        plan: WindowPlan,
+        alp_plan: AlpPlan | None,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[torch.Tensor, WindowDenoiser]:
+        inputs = request.conditioning_inputs(self.preset, alp_plan)
         # 2. Condition every window (text, image, I2V mask + reference latents, per-window expression tokens).
         denoiser = WindowDenoiser(self.components, inputs, plan.windows)
         # 3. One seeded noise tensor for the whole video.
         latents = initial_noise(request.seed, request.latent_shape(self.components, plan.num_latent_frames))
-        # 4. Every timestep: advance every window once, then blend the overlaps.
+        # 4. Every timestep: advance every window once (ALP may predict instead of computing), then blend the overlaps.
         grid = grid_for(inputs.sampling)
         total = inputs.sampling.num_inference_steps
         for step in range(total):
@@ -146,20 +195,89 @@ class FlashPortraitPipeline:
             latents = blend_overlaps(plan, stepped)
             if progress is not None:
                 progress(step + 1, total)
-        return latents, denoiser.transformer_calls
+        return latents, denoiser
+
+    def calibration_run(self, request: GenerationRequest, alp_plan: AlpPlan) -> AlpJobStats:
+        """One sampling run with a resolved ALP plan (a planned schedule's calibration): its ALP statistics."""
+        _, denoiser = self._sample(request, request.window_plan(self.preset), alp_plan)
+        return AlpJobStats.collect(alp_plan, denoiser.alp_window_stats())
 
     def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
-        start = time.perf_counter()
-        latents, calls = self.denoise(request, progress)
-        denoised = time.perf_counter()
+        latents, stats = self.denoise(request, progress)
+        decoding = time.perf_counter()
         # 5. Decode, and drop frame 0 (the reconstructed reference) so output frame k ↔ driving frame k.
         frames = decode_latents(self.components, latents)[1:]
-        plan = request.window_plan(self.preset)
-        stats = GenerationStats(
-            transformer_calls=calls,
-            windows=len(plan.windows),
-            steps=request.sampling_config(self.preset).num_inference_steps,
-            seconds_denoising=denoised - start,
-            seconds_decoding=time.perf_counter() - denoised,
-        )
+        stats.seconds_decoding = time.perf_counter() - decoding
         return GenerationResult(frames, stats)
+
+
+# Adaptive Latent Prediction: schedule resolution and its calibration input ----------------------------------------
+def resolve_alp_plan(
+    request: GenerationRequest, preset: ModelPreset, plan: WindowPlan, calibrate: CalibrationRunner
+) -> tuple[AlpPlan | None, float]:
+    """The request's ALP config resolved for its step count; returns (plan or None, seconds spent calibrating).
+
+    ``planned`` loads the variation profile for (model, sampler, steps, window shape, feature sites) from the disk
+    cache, or runs ``calibrate`` once on the fixed calibration input and stores it.
+    """
+    config = request.alp_config()
+    if config is None:
+        return None, 0.0
+    sampling = request.sampling_config(preset)
+    steps = sampling.num_inference_steps
+    if config.schedule != "planned":
+        return AlpPlan.build(config, steps), 0.0
+    frames = plan.windows[0].length
+    height, width = (n // SPATIAL_COMPRESSION for n in request.reference.shape[:2])
+    grid = f"sigmas={list(sampling.sigmas)}" if sampling.sigmas else f"euler-shift={sampling.shift}"
+    sampler = f"{grid}|cfg=emo{sampling.emo_cfg_scale},text{sampling.text_cfg_scale},ip{sampling.ip_scale}"
+    key = profile_key(f"{preset.name}@{preset.version}", sampler, steps, (frames, height, width), config.granularity)
+    cache = ProfileCache(config.profile_dir)
+    profile = cache.load(key)
+    seconds = 0.0
+    if profile is None:
+        start = time.perf_counter()
+        stats = calibrate(alp_calibration_request(request, preset, frames), AlpPlan.calibration(config, steps))
+        rates = [0.0] * steps
+        for step, rate in stats.windows[0].variation:
+            rates[step] = rate
+        profile = VariationProfile(key, steps, tuple(rates))
+        path = cache.store(profile)
+        seconds = time.perf_counter() - start
+        logger.info("ALP: calibrated the variation profile %s in %.1f s → %s", key, seconds, path)
+    return AlpPlan.build(config, steps, profile), seconds
+
+
+def alp_calibration_request(request: GenerationRequest, preset: ModelPreset, frames: int) -> GenerationRequest:
+    """One window of ``frames`` latent frames at the request's size and sampler, on a fixed input and seed (so the
+    profile depends on its cache key alone, never on which job happened to run first): scikit-image's public-domain
+    astronaut portrait, a smooth synthetic expression trajectory, an empty prompt."""
+    height, width = request.reference.shape[:2]
+    num_rgb = 4 * (frames - 1) + 1
+    dim = preset.portrait_encoder.feature_dim
+    rng = np.random.default_rng(CALIBRATION_SEED)
+    directions = rng.standard_normal((3, dim)) / np.sqrt(dim) * 4.0
+    phase = np.linspace(0.0, 2.0 * np.pi, num_rgb)[:, None]
+    curves = np.concatenate([np.sin(phase), np.sin(2 * phase), 1.0 - np.cos(phase)], axis=1)  # [N, 3], 0 at frame 0
+    return replace(
+        request,
+        reference=_calibration_portrait(height, width),
+        expression_features=(curves @ directions).astype(np.float32),
+        prompt="",
+        negative_prompt="",
+        seed=CALIBRATION_SEED,
+        context_size=frames,
+        context_overlap=1,
+        alp=None,
+    )
+
+
+def _calibration_portrait(height: int, width: int) -> np.ndarray:
+    from skimage import data  # ships with the pinned scikit-image wheel; no download
+
+    image = torch.from_numpy(data.astronaut()).permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, 512, 512]
+    side = image.shape[-1]
+    crop_h, crop_w = (side, round(side * width / height)) if width <= height else (round(side * height / width), side)
+    image = image[..., :crop_h, (side - crop_w) // 2 : (side - crop_w) // 2 + crop_w]
+    image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return image[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

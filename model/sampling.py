@@ -193,6 +193,8 @@ class WindowDenoiser:
         if self.alp is not None:
             if step_index is None:
                 raise ValueError("ALP needs the step index of every velocity call; pass step_index")
+            # Idempotent; re-installs the sites if another job on this process switched the granularity meanwhile.
+            self.components.transformer.enable_feature_sites(self.alp.plan.config.granularity)
             alp = self.alp.window(window_index)
             full = alp.is_full(step_index)
             tau = float(step_index) if self.alp.plan.config.coordinate == "step" else float(sigma)
