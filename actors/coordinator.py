@@ -16,20 +16,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RaySystemError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flashportrait.model.alp import AlpJobStats, AlpPlan, AlpWindowStats
+from flashportrait.model.loading import ModelSource
 from flashportrait.model.pipeline_flashportrait import (
+    DECODE_CHUNK_LATENT_FRAMES,
     GenerationRequest,
     GenerationResult,
     GenerationStats,
     ProgressCallback,
+    StreamingResult,
+    output_frames,
     resolve_alp_plan,
 )
-from flashportrait.model.presets import get_preset
 from flashportrait.model.sampling import initial_noise
 from flashportrait.model.windows import Window, WindowPlan, blend_overlaps
 
+from .errors import BackendUnavailable
 from .worker import WindowWorker, WorkerInfo
 
 
@@ -38,45 +44,75 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerPoolSettings:
-    preset: str = "tiny"
+    source: ModelSource = ModelSource()
     workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # 1 on a GPU cluster; fractions let tests place several actors on one GPU
     torch_threads: int | None = 1
     step_timeout_s: float = 600.0  # one step of one window never legitimately takes longer
     max_restarts: int = 3
+    # One placement group reserves every worker's resources at once (gang scheduling, no half-started pool);
+    # SPREAD puts workers on different nodes when it can, without pinning any actor to a node that may die.
+    placement_strategy: str = "SPREAD"
+    start_timeout_s: float = 900.0  # model load included
 
 
 class WorkerPool:
-    """N ``WindowWorker`` actors, each holding the model; restarted by Ray if their process dies."""
+    """N ``WindowWorker`` actors in one placement group, each holding the model; Ray restarts a dead one."""
 
     def __init__(self, settings: WorkerPoolSettings):
         if settings.workers < 1:
             raise ValueError(f"workers must be ≥ 1, got {settings.workers}")
         self.settings = settings
-        actor_cls = ray.remote(WindowWorker).options(
-            num_cpus=settings.cpus_per_worker,
-            num_gpus=settings.gpus_per_worker,
-            max_restarts=settings.max_restarts,
-            max_task_retries=settings.max_restarts,
+        bundle = {"CPU": settings.cpus_per_worker}
+        if settings.gpus_per_worker:
+            bundle["GPU"] = settings.gpus_per_worker
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(settings.workers)], strategy=settings.placement_strategy
         )
-        self.actors = [actor_cls.remote(settings.preset, settings.torch_threads) for _ in range(settings.workers)]
+        self._wait_placement()
+        actor_cls = ray.remote(WindowWorker)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=settings.cpus_per_worker,
+                num_gpus=settings.gpus_per_worker,
+                max_restarts=settings.max_restarts,
+                max_task_retries=settings.max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group, placement_group_bundle_index=i
+                ),
+            ).remote(settings.source, settings.torch_threads)
+            for i in range(settings.workers)
+        ]
         self.infos: list[WorkerInfo] = self._wait_ready()
+        self.preset = self.infos[0].preset
+        self.weights_sha256 = self.infos[0].weights_sha256
+
+    def _wait_placement(self) -> None:
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=self.settings.start_timeout_s)
+        if not ready:
+            remove_placement_group(self.placement_group)
+            raise TimeoutError(
+                f"the cluster cannot place {self.settings.workers} worker(s) of {self.settings.cpus_per_worker} CPU"
+                f" and {self.settings.gpus_per_worker} GPU within {self.settings.start_timeout_s:.0f} s; lower "
+                "--workers or add nodes (check `ray status`)"
+            )
 
     def _wait_ready(self) -> list[WorkerInfo]:
         try:
-            return ray.get([a.info.remote() for a in self.actors], timeout=self.settings.step_timeout_s)
+            return ray.get([a.info.remote() for a in self.actors], timeout=self.settings.start_timeout_s)
         except GetTimeoutError as exc:
+            self.close()
             raise TimeoutError(
-                f"{self.settings.workers} worker(s) did not start within {self.settings.step_timeout_s:.0f} s; the "
-                f"cluster may lack the resources asked for ({self.settings.cpus_per_worker} CPU, "
-                f"{self.settings.gpus_per_worker} GPU each): check `ray status`"
+                f"{self.settings.workers} worker(s) did not load the model within "
+                f"{self.settings.start_timeout_s:.0f} s; check the workers' logs (`ray logs`)"
             ) from exc
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        remove_placement_group(self.placement_group)
 
 
 def assign_windows(windows: Sequence[Window], workers: int) -> list[list[Window]]:
@@ -92,9 +128,11 @@ class RayDenoiseBackend:
 
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self.preset = get_preset(pool.settings.preset)
+        self.preset = pool.preset
+        self.weights_sha256 = pool.weights_sha256
 
-    def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    def stream(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> StreamingResult:
+        """Denoise over the workers, then stream the decode back from one worker chunk by chunk."""
         start = time.perf_counter()
         request.check(self.preset)
         plan = request.window_plan(self.preset)
@@ -103,19 +141,34 @@ class RayDenoiseBackend:
         alp_plan, seconds_calibration = resolve_alp_plan(request, self.preset, plan, self._calibration_run)
         latents, calls, alp_windows, busy, workers = self._denoise(request, plan, alp_plan, progress)
         denoised = time.perf_counter()
-        frames = ray.get(self.pool.actors[0].decode.remote(latents), timeout=self.pool.settings.step_timeout_s)
         stats = GenerationStats(
             transformer_calls=calls,
             windows=len(plan.windows),
             steps=request.sampling_config(self.preset).num_inference_steps,
             seconds_denoising=denoised - start,
-            seconds_decoding=time.perf_counter() - denoised,
             seconds_orchestration=max(0.0, (denoised - start) - seconds_calibration - busy),
             extra={"workers": workers},
         )
         if alp_plan is not None:
             stats.alp = AlpJobStats.collect(alp_plan, alp_windows, seconds_calibration)
-        return GenerationResult(frames[1:], stats)
+        chunks = self._decoded_chunks(latents)
+        return StreamingResult(stats, output_frames(chunks, stats))
+
+    def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+        return self.stream(request, progress).collect()
+
+    def _decoded_chunks(self, latents: np.ndarray):
+        """uint8 frame chunks from a worker's streaming decode; each chunk is copied out of the object store and its
+        reference dropped at once, so the store holds about two chunks."""
+        timeout = self.pool.settings.step_timeout_s
+        generator = self.pool.actors[0].decode_stream.remote(latents, DECODE_CHUNK_LATENT_FRAMES)
+        for ref in generator:
+            try:
+                chunk = ray.get(ref, timeout=timeout)
+            except (RayActorError, RaySystemError, ObjectLostError) as exc:
+                raise BackendUnavailable(f"the worker decoding the video died ({type(exc).__name__})") from exc
+            yield np.array(chunk)  # a writable copy; the store's copy is freed with ``ref``
+            del ref
 
     def _calibration_run(self, request: GenerationRequest, alp_plan: AlpPlan) -> AlpJobStats:
         _, _, alp_windows, _, _ = self._denoise(request, request.window_plan(self.preset), alp_plan, None)
@@ -169,7 +222,7 @@ class RayDenoiseBackend:
         """Wait on every shard at once (never one blocking get at a time) with a deadline."""
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.pool.settings.step_timeout_s)
         if pending:
-            raise TimeoutError(
+            raise BackendUnavailable(
                 f"job {job_key}: {len(pending)} of {len(refs)} workers did not finish step {step} within "
                 f"{self.pool.settings.step_timeout_s:.0f} s"
             )
@@ -177,9 +230,9 @@ class RayDenoiseBackend:
         try:
             for part in ray.get(ready):
                 merged.update(part)
-        except RayActorError as exc:
-            raise RuntimeError(
-                f"job {job_key}: a worker died at step {step} and could not be restarted: {exc}"
+        except (RayActorError, RaySystemError, ObjectLostError) as exc:
+            raise BackendUnavailable(
+                f"job {job_key}: a worker died at step {step} and could not be restarted ({type(exc).__name__})"
             ) from exc
         return merged
 

@@ -17,8 +17,11 @@ import ray
 
 from flashportrait.model.alp import AlpWindowStats
 from flashportrait.model.components import decode_latents
+from flashportrait.model.loading import ModelSource
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline
+from flashportrait.model.presets import ModelPreset
 from flashportrait.model.sampling import JobConditioningInputs, WindowDenoiser, grid_for, step_windows
+from flashportrait.model.vae_streaming import iter_decode_latents
 from flashportrait.model.windows import Window
 
 
@@ -30,25 +33,32 @@ class WorkerInfo:
     pid: int
     node_id: str
     device: str
-    preset: str
+    preset: ModelPreset  # as built (for released files: the sizes read from them)
+    weights_sha256: dict[str, str]
 
 
 class WindowWorker:
     """Wrapped with ``ray.remote`` by ``actors.coordinator.WorkerPool`` (resources and restarts set there)."""
 
-    def __init__(self, preset: str, torch_threads: int | None = None) -> None:
+    def __init__(self, source: ModelSource, torch_threads: int | None = None) -> None:
         from flashportrait.model import runtime
 
         runtime.configure_threads(torch_threads)
         gpu_ids = ray.get_gpu_ids()
         self.device = "cuda" if gpu_ids and runtime.cuda_available() else "cpu"
-        self.pipeline = FlashPortraitPipeline.from_preset(preset)
+        self.pipeline = FlashPortraitPipeline.from_source(source)
         self.pipeline.components.to(self.device)
-        self.preset = preset
+        self.source = source
         self._jobs: dict[str, tuple[WindowDenoiser, object]] = {}
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(os.getpid(), ray.get_runtime_context().get_node_id(), self.device, self.preset)
+        return WorkerInfo(
+            os.getpid(),
+            ray.get_runtime_context().get_node_id(),
+            self.device,
+            self.pipeline.preset,
+            self.pipeline.weights_sha256,
+        )
 
     def _job(self, job_key: str, inputs: JobConditioningInputs, windows: list[Window]):
         if job_key not in self._jobs:
@@ -87,6 +97,16 @@ class WindowWorker:
         """ALP's per-window statistics for the windows this worker advanced (empty without ALP)."""
         job = self._jobs.get(job_key)
         return job[0].alp_window_stats() if job else []
+
+    @ray.method(_generator_backpressure_num_objects=2)
+    def decode_stream(self, latents: np.ndarray, chunk_latent_frames: int):
+        """Decoded uint8 frame chunks, streamed back as they are made (Ray pauses this generator while two chunks
+        are unconsumed, so the object store holds about two chunks, not the video)."""
+        from flashportrait.model import runtime
+
+        yield from iter_decode_latents(
+            self.pipeline.components, runtime.tensor_from_numpy(latents), chunk_latent_frames=chunk_latent_frames
+        )
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         from flashportrait.model import runtime

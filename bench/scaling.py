@@ -48,7 +48,7 @@ def long_request(seconds: float, steps: int) -> GenerationRequest:
 
 
 def measure(workers: int, request: GenerationRequest, repeats: int) -> dict:
-    pool = WorkerPool(WorkerPoolSettings(preset="tiny", workers=workers, cpus_per_worker=1, torch_threads=1))
+    pool = WorkerPool(WorkerPoolSettings(workers=workers, cpus_per_worker=1, torch_threads=1))
     backend = RayDenoiseBackend(pool)
     try:
         backend(request)  # warm-up: conditioning caches, first-call costs

@@ -17,11 +17,13 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from flashportrait.infra import storage
 from flashportrait.infra.limits import Limits, env_name, flag
 from flashportrait.infra.redact import redact
+from flashportrait.model.alp import ALP_PRESETS
 from flashportrait.model.expression import available_extractors
 from flashportrait.model.presets import PRESETS
 
@@ -64,9 +66,10 @@ def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
     )
     parser.add_argument(
         "--extractor",
-        default="pixel",
+        default="landmark",
         choices=available_extractors(),
-        help="expression feature extractor (default: pixel)",
+        help="expression feature extractor: landmark (download-free, dlib), pdfgc (the released model's; needs its "
+        "files), pixel (coarse, for tests) (default: landmark)",
     )
     parser.add_argument(
         "--steps",
@@ -81,6 +84,33 @@ def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
         help="re-render and replace outputs already published (default: skip rows published with the same job hash)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--alp",
+        default=None,
+        choices=list(ALP_PRESETS),
+        help="Adaptive Latent Prediction: skip most transformer calls by forecasting their features (balanced ≈ 3×, "
+        "fast ≈ 6× fewer calls; paper = the paper's fixed-K reading). Default: off. A manifest row's 'alp' wins",
+    )
+    model = parser.add_argument_group(
+        "released model", "Run the released FlashPortrait-14B instead of a built-in preset (docs/released-model.md)."
+    )
+    model.add_argument(
+        "--base", default=None, metavar="URL", help="Wan2.1-I2V-14B-720P folder or URL (diffusers or original layout)"
+    )
+    model.add_argument(
+        "--flashportrait",
+        default=None,
+        metavar="URL",
+        help="folder or URL holding transformer.pt, portrait_encoder.pt (and pd_fpg.pth, the ONNX "
+        "face models, fast_lora_rank64.safetensors)",
+    )
+    model.add_argument("--fast", action="store_true", help="merge the step-distill LoRA and sample 4 steps")
+    model.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="precision of the released transformer, T5 and CLIP (default: bfloat16)",
+    )
     guard = parser.add_argument_group(
         "input policy and limits",
         "What rows may point at, and the resource limits enforced before decoding. Every limit can also be set with "
@@ -189,6 +219,17 @@ def _deployment_options(parser: argparse.ArgumentParser) -> None:
         default=deployments.DEFAULT_TIMEZONE,
         help=f"IANA time zone of --cron, e.g. Europe/Berlin (default: {deployments.DEFAULT_TIMEZONE})",
     )
+    names = "; give each input prefix its own names to run several from one Prefect server"
+    parser.add_argument(
+        "--bulk-name",
+        default=deployments.BULK_DEPLOYMENT,
+        help=f"name of the cron deployment (default: %(default)s{names})",
+    )
+    parser.add_argument(
+        "--render-name",
+        default=deployments.RENDER_DEPLOYMENT,
+        help=f"name of the event-triggered deployment (default: %(default)s{names})",
+    )
 
 
 def _add_deployment_commands(sub: argparse._SubParsersAction) -> None:
@@ -267,6 +308,11 @@ def _settings(args: argparse.Namespace) -> render_module.RenderSettings:
         steps=args.steps,
         crf=args.crf,
         force=args.force,
+        alp=args.alp,
+        base=args.base,
+        flashportrait=args.flashportrait,
+        fast=args.fast,
+        dtype=args.dtype,
         allowed_schemes=args.allow_scheme or ["s3", "file"],
         allowed_http_hosts=args.allow_http_host,
         allowed_local_roots=args.allow_local_root,
@@ -309,7 +355,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not storage.exists(args.manifest):
         raise ValueError(f"manifest {args.manifest} does not exist")
-    settings.resource_limits()  # bad limit values are usage errors: exit 2 before anything starts
+    settings.resource_limits()  # bad limit values and model sources are usage errors: exit 2 before anything starts
+    settings.model_source()
     summary = render_module.render_manifest(manifest_url=args.manifest, output_prefix=args.out, settings=settings)
     total = len(summary.results)
     print(
@@ -326,20 +373,26 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def _deployment_settings(args: argparse.Namespace) -> deployments.DeploymentSettings:
-    return deployments.DeploymentSettings(
-        input_prefix=args.input_prefix,
-        output_root=args.output_root,
-        render=deployments.RenderOptions(
-            preset=args.preset,
-            alp=args.alp,
-            workers=args.workers,
-            ray_address=args.ray_address,
-            extractor=args.extractor,
-            steps=args.steps,
-        ),
-        cron=args.cron,
-        timezone=args.timezone,
-    )
+    try:
+        return deployments.DeploymentSettings(
+            input_prefix=args.input_prefix,
+            output_root=args.output_root,
+            render=deployments.RenderOptions(
+                preset=args.preset,
+                alp=args.alp,
+                workers=args.workers,
+                ray_address=args.ray_address,
+                extractor=args.extractor,
+                steps=args.steps,
+            ),
+            cron=args.cron,
+            timezone=args.timezone,
+            bulk_name=args.bulk_name,
+            render_name=args.render_name,
+        )
+    except ValidationError as exc:  # one line per problem, without pydantic's links
+        problems = [error["msg"].removeprefix("Value error, ") for error in exc.errors()]
+        raise ValueError("; ".join(problems)) from None
 
 
 def _run_deploy(args: argparse.Namespace) -> int:
@@ -359,16 +412,21 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_watch(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # finish the current poll, then exit
-        signal.signal(signum, lambda *_: stop.set())
     watcher = ManifestWatcher(args.prefix, mode=args.mode, deployment=args.deployment, state_url=args.state)
     verb = "emitted an event for" if args.mode == "event" else "started a run for"
 
     def report(version: ManifestVersion) -> None:
         print(f"{verb} {version.url} (ETag {version.etag})", flush=True)
 
-    count = watcher.watch(args.interval, max_polls=1 if args.once else args.max_polls, stop=stop, on_dispatch=report)
+    stop = threading.Event()
+    stop_signals = (signal.SIGTERM, signal.SIGINT)  # finish the current poll, then exit
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in stop_signals}
+    try:
+        max_polls = 1 if args.once else args.max_polls
+        count = watcher.watch(args.interval, max_polls=max_polls, stop=stop, on_dispatch=report)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(f"dispatched {count} new manifest version(s) from {args.prefix}")
     return EXIT_OK
 

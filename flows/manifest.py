@@ -18,10 +18,11 @@ from flashportrait.infra.redact import redact
 from flashportrait.infra.storage import resolve_url
 from flashportrait.infra.tables import ManifestRecord
 from flashportrait.infra.urls import UrlPolicy, UrlRefused, check_input_url
+from flashportrait.model.alp import ALP_PRESETS
 
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-KNOWN_FIELDS = ("id", "reference", "driving", "prompt", "seed", "steps", "width", "height", "fps")
+KNOWN_FIELDS = ("id", "reference", "driving", "prompt", "seed", "steps", "width", "height", "fps", "alp")
 REQUIRED_FIELDS = ("id", "reference", "driving")
 
 
@@ -59,6 +60,7 @@ class Job(BaseModel):
     width: int | None = None
     height: int | None = None
     fps: float | None = None
+    alp: str | None = None
     line: int = 0
     warnings: tuple[str, ...] = ()
 
@@ -103,6 +105,13 @@ class Job(BaseModel):
     def _multiple_of_16(cls, value: int | None, info) -> int | None:
         if value is not None and (value < 16 or value % 16 or value > 4096):
             raise ValueError(f"{info.field_name} must be a multiple of 16 between 16 and 4096, got {value}")
+        return value
+
+    @field_validator("alp")
+    @classmethod
+    def _alp_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in ALP_PRESETS:
+            raise ValueError(f"alp {value!r} is not an ALP preset; choose one of {', '.join(ALP_PRESETS)}")
         return value
 
     @field_validator("fps", mode="before")

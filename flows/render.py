@@ -37,7 +37,8 @@ from flashportrait.infra.tables import read_manifest_records, write_report
 from flashportrait.infra.urls import UrlPolicy
 from flashportrait.model.expression import get_extractor
 from flashportrait.model.expression.landmark import detect_face_box
-from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, GenerationResult
+from flashportrait.model.loading import ModelSource
+from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, StreamingResult
 from flashportrait.model.presets import get_preset
 
 from .manifest import Job, JobFailure, ManifestError, check_manifest_shape, parse_jobs
@@ -46,7 +47,7 @@ from .publishing import Existing, JobOutputs, PublishConflict, check_existing, j
 
 logger = logging.getLogger(__name__)
 
-Backend = Callable[..., GenerationResult]
+Backend = FlashPortraitPipeline | RayDenoiseBackend  # both: .preset, .weights_sha256, .stream(request, progress)
 # Driving frames are decoded for expression extraction at most this large (the model's own size can be far too
 # small to find a face in, and full 4K frames would only cost time).
 EXTRACTION_MAX_SIDE = 640
@@ -67,6 +68,12 @@ class RenderSettings(BaseModel):
     encoder_preset: str = "medium"
     scratch_dir: str | None = None
     force: bool = False  # re-render and replace outputs that are already published
+    alp: str | None = None  # Adaptive Latent Prediction preset (off, balanced, fast, paper); a row's "alp" wins
+    # The released model's files (both or neither); without them the preset's built-in weights are used.
+    base: str | None = None
+    flashportrait: str | None = None
+    fast: bool = False
+    dtype: str = "bfloat16"
     # Input policy (what URLs rows may name) and resource limits; see infra/urls.py and infra/limits.py.
     allowed_schemes: list[str] = ["s3", "file"]
     allowed_http_hosts: list[str] = []
@@ -85,10 +92,17 @@ class RenderSettings(BaseModel):
     def resource_limits(self) -> Limits:
         return Limits.from_env(**self.limits)
 
+    def model_source(self) -> ModelSource:
+        return ModelSource(
+            preset=self.preset, base=self.base, flashportrait=self.flashportrait, dtype=self.dtype, fast=self.fast
+        )
+
     def output_parameters(self) -> dict[str, Any]:
         """The run-level settings that decide the output bits (they enter every job's hash)."""
         preset = get_preset(self.preset)
         return {
+            "model": self.model_source().describe(),
+            "alp": self.alp,
             "preset": preset.name,
             "preset_version": preset.version,
             "extractor": self.extractor,
@@ -117,6 +131,12 @@ class RenderResult:
     seconds_orchestration: float = 0.0
     transformer_calls: int = 0
     windows: int = 0
+    alp: str = ""
+    alp_full_steps: float = 0.0
+    alp_predicted_steps: float = 0.0
+    alp_block_equivalents: float = 0.0
+    alp_state_bytes_peak: float = 0.0
+    seconds_transformer: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -142,7 +162,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
     Nothing appears at either key unless it is complete (see ``flows.publishing``).
     """
     started = time.perf_counter()
-    preset = get_preset(settings.preset)
+    preset = backend.preset
     width = job.width or preset.sampling.width
     height = job.height or preset.sampling.height
     # 0. Identity: the same job hash means the same output bits; decide skip / refuse before any work.
@@ -199,21 +219,27 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             prompt=job.prompt,
             seed=job.seed,
             num_inference_steps=job.steps or settings.steps,
+            alp=job.alp or settings.alp,
         )
         deadline = started + limits.row_timeout_s
-        result = backend(request, progress=_job_progress(job.id, deadline, limits.row_timeout_s))
+        result = backend.stream(request, progress=_job_progress(job.id, deadline, limits.row_timeout_s))
         # 5. Encode locally (faststart needs a seekable file), then publish: video, then the sidecar.
         video_path = scratch_dir / "output.mp4"
-        # Output frame k is driving frame k (frame 0, the reference, was dropped), so the audio starts at 1/fps.
-        video_io.encode_video(
+        # Frames are encoded as they are decoded (nothing holds the whole video). Output frame k is driving frame
+        # k (frame 0, the reference, was dropped), so the driving audio starts at 1/fps.
+        with video_io.VideoEncoder(
             video_path,
-            iter(result.frames),
+            width,
+            height,
             fps,
             crf=settings.crf,
             preset=settings.encoder_preset,
             audio_source=driving_path if info.has_audio else None,
             audio_offset=1.0 / fps,
-        )
+        ) as encoder:
+            for chunk in result.chunks:
+                for frame in chunk:
+                    encoder.write(frame)
         outcome = RenderResult(
             id=job.id,
             line=job.line,
@@ -221,7 +247,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             job_hash=expected_hash,
             output=outputs.video,
             sidecar=outputs.sidecar,
-            frames=int(result.frames.shape[0]),
+            frames=encoder.frames_written,
             fps=fps,
             width=width,
             height=height,
@@ -240,11 +266,18 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
                 "driving_container": info.container,
                 **result.stats.extra,
             },
+            alp=job.alp or settings.alp or "",
+            alp_full_steps=_alp_total(result, "full_steps"),
+            alp_predicted_steps=_alp_total(result, "predicted_steps"),
+            alp_block_equivalents=_alp_total(result, "block_equivalents"),
+            alp_state_bytes_peak=_alp_total(result, "state_bytes_peak"),
+            seconds_transformer=_alp_total(result, "seconds_transformer_full")
+            + _alp_total(result, "seconds_transformer_predicted"),
         )
         outcome.seconds_total = time.perf_counter() - started
         published = publish_outputs(
             video_path,
-            redact_value(_sidecar(job, settings, outcome, request, fingerprints)),
+            redact_value(_sidecar(job, settings, outcome, request, fingerprints, backend, result)),
             outputs,
             expected_hash,
             force=settings.force,
@@ -265,6 +298,10 @@ def _fetch(url: str, dest: Path, field_name: str, limits: Limits) -> Path:
     if size == 0:
         raise MediaRejected(f"{field_name}: the file is empty")
     return storage.download(url, dest)
+
+
+def _alp_total(result: StreamingResult, key: str) -> float:
+    return float(result.stats.alp.totals.get(key, 0.0)) if result.stats.alp is not None else 0.0
 
 
 def _suffix(url: str) -> str:
@@ -309,11 +346,20 @@ def _job_progress(job_id: str, deadline: float, timeout_s: float) -> Callable[[i
 
 
 def _sidecar(
-    job: Job, settings: RenderSettings, outcome: RenderResult, request: GenerationRequest, fingerprints: dict[str, str]
+    job: Job,
+    settings: RenderSettings,
+    outcome: RenderResult,
+    request: GenerationRequest,
+    fingerprints: dict[str, str],
+    backend: Backend,
+    result: StreamingResult,
 ) -> dict[str, Any]:
-    preset = get_preset(settings.preset)
+    preset = backend.preset
     return {
         "id": job.id,
+        "model": settings.model_source().describe(),
+        "weights_sha256": backend.weights_sha256,
+        "alp": None if result.stats.alp is None else result.stats.alp.to_dict(),
         "job_hash": outcome.job_hash,
         "inputs": fingerprints,
         "flashportrait_version": flashportrait.__version__,
@@ -342,11 +388,12 @@ def _sidecar(
 @contextlib.contextmanager
 def open_backend(settings: RenderSettings) -> Iterator[Backend]:
     """The in-process pipeline (workers = 0) or a pool of Ray workers that lives for the whole run."""
+    source = settings.model_source()
     if settings.workers == 0:
-        yield FlashPortraitPipeline.from_preset(settings.preset)
+        yield FlashPortraitPipeline.from_source(source)
         return
     connect(RayClusterSettings(address=settings.ray_address))
-    pool = WorkerPool(WorkerPoolSettings(preset=settings.preset, workers=settings.workers))
+    pool = WorkerPool(WorkerPoolSettings(source=source, workers=settings.workers))
     try:
         yield RayDenoiseBackend(pool)
     finally:
@@ -488,6 +535,7 @@ def render_manifest(
     extractor: str = "landmark",
     steps: int | None = None,
     force: bool = False,
+    alp: str | None = None,
     settings: RenderSettings | None = None,
 ) -> RunSummary:
     """Render every valid row of the manifest at ``manifest_url`` to ``output_prefix``; write the run report.
@@ -499,7 +547,13 @@ def render_manifest(
     install_log_redaction_everywhere()
     log = get_run_logger()
     settings = settings or RenderSettings(
-        preset=preset, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps, force=force
+        preset=preset,
+        workers=workers,
+        ray_address=ray_address,
+        extractor=extractor,
+        steps=steps,
+        force=force,
+        alp=alp,
     )
     jobs, failures = read_manifest(manifest_url, settings)
     results = [RenderResult.failed(f) for f in failures]

@@ -44,8 +44,8 @@ from .checkpoints import (
     wan_t5_names,
     wan_vae_names,
 )
-from .components import FlashPortraitComponents, UMT5Tokenizer
-from .presets import FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST, ModelPreset
+from .components import FlashPortraitComponents, UMT5Tokenizer, build_components
+from .presets import FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST, ModelPreset, get_preset
 
 
 logger = logging.getLogger(__name__)
@@ -309,3 +309,67 @@ __all__ = [
     "load_vae",
     "resolve_local",
 ]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a process gets its model: a named preset (random weights for ``tiny``), or the released files.
+
+    Small and picklable: the coordinator hands it to every Ray worker, which builds its own copy on its device.
+    """
+
+    preset: str = "tiny"
+    base: str | None = None  # Wan2.1-I2V-14B-720P folder/URL (diffusers or original layout)
+    flashportrait: str | None = None  # folder/URL with transformer.pt, portrait_encoder.pt, …
+    dtype: str = "bfloat16"
+    fast: bool = False  # merge the step-distill LoRA and sample the official 4-step schedule
+
+    def __post_init__(self) -> None:
+        if (self.base is None) != (self.flashportrait is None):
+            raise ValueError(
+                "give both --base (the Wan2.1-I2V base) and --flashportrait (the FlashPortrait files), "
+                "or neither (a preset with built-in weights)"
+            )
+        if self.fast and self.base is None:
+            raise ValueError("--fast needs the released files (--base and --flashportrait): it merges their LoRA")
+
+    @property
+    def released(self) -> bool:
+        return self.base is not None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "preset": self.preset,
+            "base": self.base,
+            "flashportrait": self.flashportrait,
+            "dtype": self.dtype,
+            "fast": self.fast,
+        }
+
+
+def build_from_source(source: ModelSource) -> FlashPortraitComponents:
+    if source.released:
+        return load_released_components(source.base, source.flashportrait, dtype=source.dtype, fast=source.fast)
+    return build_components(get_preset(source.preset))
+
+
+def weights_digest(source: ModelSource, cache_dir: str | Path | None = None) -> dict[str, str]:
+    """SHA-256 of every checkpoint file the source loads (recorded in every sidecar); for a built-in preset, of its
+    frozen definition (its weights are a pure function of it)."""
+    if not source.released:
+        preset = get_preset(source.preset)
+        return {f"preset:{preset.name}": hashlib.sha256(repr(preset).encode()).hexdigest()}
+    digests: dict[str, str] = {}
+    for root in (resolve_local(source.flashportrait, cache_dir), resolve_local(source.base, cache_dir)):
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file() and path.suffix in (".pt", ".pth", ".safetensors", ".onnx"):
+                digests[str(path.relative_to(root))] = _sha256_file(path)
+    return digests
+
+
+def _sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

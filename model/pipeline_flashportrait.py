@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,7 +29,7 @@ from .alp import (
     profile_key,
     resolve_alp_config,
 )
-from .components import SPATIAL_COMPRESSION, FlashPortraitComponents, build_components, decode_latents
+from .components import SPATIAL_COMPRESSION, FlashPortraitComponents, build_components
 from .presets import ModelPreset, get_preset
 from .sampling import (
     JobConditioningInputs,
@@ -40,6 +40,7 @@ from .sampling import (
     num_latent_frames,
     step_windows,
 )
+from .vae_streaming import iter_decode_latents
 from .windows import WindowPlan, blend_overlaps, plan_windows
 
 
@@ -75,8 +76,17 @@ class GenerationRequest:
 
     def sampling_config(self, preset: ModelPreset) -> SamplingConfig:
         d = preset.sampling
+        steps = self.num_inference_steps or d.num_inference_steps
+        if d.sigmas is not None:  # a step-distilled preset samples on its own fixed grid
+            if self.num_inference_steps not in (None, len(d.sigmas)):
+                raise ValueError(
+                    f"preset {preset.name!r} is step-distilled to {len(d.sigmas)} steps; got steps="
+                    f"{self.num_inference_steps} — leave steps unset or use the non-distilled preset"
+                )
+            steps = len(d.sigmas)
         return SamplingConfig(
-            num_inference_steps=self.num_inference_steps or d.num_inference_steps,
+            num_inference_steps=steps,
+            sigmas=None if d.sigmas is None else tuple(d.sigmas),
             shift=d.shift,
             emo_cfg_scale=d.emo_cfg_scale if self.emo_cfg_scale is None else self.emo_cfg_scale,
             text_cfg_scale=d.text_cfg_scale if self.text_cfg_scale is None else self.text_cfg_scale,
@@ -148,6 +158,16 @@ class FlashPortraitPipeline:
     def __init__(self, components: FlashPortraitComponents):
         self.components = components
         self.preset = components.preset
+        self.weights_sha256: dict[str, str] = {}  # set by from_source; recorded in every sidecar
+
+    @classmethod
+    def from_source(cls, source) -> FlashPortraitPipeline:
+        """From a ``loading.ModelSource``: a built-in preset or the released checkpoint files."""
+        from .loading import build_from_source, weights_digest
+
+        pipeline = cls(build_from_source(source))
+        pipeline.weights_sha256 = weights_digest(source)
+        return pipeline
 
     @classmethod
     def from_preset(cls, name: str) -> FlashPortraitPipeline:
@@ -202,13 +222,49 @@ class FlashPortraitPipeline:
         _, denoiser = self._sample(request, request.window_plan(self.preset), alp_plan)
         return AlpJobStats.collect(alp_plan, denoiser.alp_window_stats())
 
-    def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+    def stream(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> StreamingResult:
+        """Denoise, then decode lazily: the frames come chunk by chunk, so nothing holds the whole video."""
         latents, stats = self.denoise(request, progress)
-        decoding = time.perf_counter()
-        # 5. Decode, and drop frame 0 (the reconstructed reference) so output frame k ↔ driving frame k.
-        frames = decode_latents(self.components, latents)[1:]
-        stats.seconds_decoding = time.perf_counter() - decoding
-        return GenerationResult(frames, stats)
+        # 5. Decode chunk by chunk (causal VAE cache carried across chunks); drop frame 0, the reconstructed
+        #    reference, so output frame k ↔ driving frame k.
+        chunks = iter_decode_latents(self.components, latents, chunk_latent_frames=DECODE_CHUNK_LATENT_FRAMES)
+        return StreamingResult(stats, output_frames(chunks, stats))
+
+    def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
+        return self.stream(request, progress).collect()
+
+
+# Latent frames decoded per chunk: at 720p a chunk of 4 is ~44 MB of uint8 frames (the float copies scale with it).
+DECODE_CHUNK_LATENT_FRAMES = 4
+
+
+@dataclass
+class StreamingResult:
+    """Statistics after denoising, and the output frames as an iterator of uint8 [n, H, W, 3] chunks (consuming it
+    adds the decode time to ``stats.seconds_decoding``)."""
+
+    stats: GenerationStats
+    chunks: Iterator[np.ndarray]
+
+    def collect(self) -> GenerationResult:
+        """All frames in one array: for short clips and tests; long renders consume ``chunks`` instead."""
+        parts = list(self.chunks)
+        return GenerationResult(np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8), self.stats)
+
+
+def output_frames(chunks: Iterator[np.ndarray], stats: GenerationStats) -> Iterator[np.ndarray]:
+    """Drop the first decoded frame (the reference), skip empty chunks, time the decoding into ``stats``."""
+    first = True
+    while True:
+        started = time.perf_counter()
+        chunk = next(chunks, None)
+        stats.seconds_decoding += time.perf_counter() - started
+        if chunk is None:
+            return
+        if first:
+            chunk, first = chunk[1:], False
+        if len(chunk):
+            yield chunk
 
 
 # Adaptive Latent Prediction: schedule resolution and its calibration input ----------------------------------------

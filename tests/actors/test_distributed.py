@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster):
-    pool = WorkerPool(WorkerPoolSettings(preset="tiny", workers=2, cpus_per_worker=1, torch_threads=1))
+    pool = WorkerPool(WorkerPoolSettings(workers=2, cpus_per_worker=1, torch_threads=1))
     yield pool
     pool.close()
 

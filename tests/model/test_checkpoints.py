@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from released_files import flashportrait_folder, flashportrait_overlay, tiny_tokenizer, write_shards
 from safetensors.torch import save_file
 
 from flashportrait.model.checkpoints import (
@@ -50,19 +51,6 @@ def assert_same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def write_shards(tensors: dict[str, torch.Tensor], folder: Path, stem: str = "diffusion_pytorch_model") -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = sorted(tensors)
-    half = len(keys) // 2
-    for i, part in enumerate((keys[:half], keys[half:])):
-        save_file({k: tensors[k].contiguous() for k in part}, folder / f"{stem}-0000{i + 1}-of-00002.safetensors")
-
-
-def flashportrait_overlay(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What FlashPortrait fine-tuned at least: every attention weight of every block, plus the new projections."""
-    return {k: v for k, v in official.items() if ".self_attn." in k or ".cross_attn." in k}
 
 
 # Layouts -----------------------------------------------------------------------------------------------------------
@@ -112,26 +100,6 @@ def test_released_dimensions_are_inferred_from_tensor_shapes():
     inferred = infer_transformer_config(module_shapes(transformer))
     assert inferred == {**FLASHPORTRAIT_14B.transformer, "patch_size": (1, 2, 2)}
     assert infer_portrait_encoder_config(module_shapes(encoder)) == PortraitEncoderConfig()
-
-
-def tiny_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "▁abcdefghijklmnopqrstuvwxyz"]
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(folder)
-
-
-def flashportrait_folder(root: Path, official) -> Path:
-    root.mkdir(parents=True)
-    torch.save(flashportrait_overlay(official), root / "transformer.pt")
-    shutil.copy(FIXTURE / "portrait_encoder.pt", root / "portrait_encoder.pt")
-    return root
 
 
 def test_released_components_from_the_original_layout(official, reference, tmp_path):
