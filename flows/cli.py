@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from flashportrait.infra import storage
 from flashportrait.infra.limits import Limits, env_name, flag
+from flashportrait.infra.preflight import check_credentials, check_run, instance_metadata_allowed
 from flashportrait.infra.redact import redact
 from flashportrait.model.alp import ALP_PRESETS
 from flashportrait.model.expression import available_extractors
@@ -188,26 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _deployment_options(parser: argparse.ArgumentParser) -> None:
+    defaults = deployments.RENDER_DEFAULTS
     parser.add_argument("--input-prefix", required=True, help="URL of the folder holding manifests (s3://bucket/in/)")
     parser.add_argument(
         "--output-root",
         required=True,
         help="URL under which each manifest renders to <root>/<manifest name>; must lie outside the input prefix",
     )
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    parser.add_argument(
+        "--preset", default=defaults["preset"], choices=sorted(PRESETS), help="model preset (default: %(default)s)"
+    )
     parser.add_argument(
         "--alp",
         default=None,
-        help="adaptive latent prediction preset passed to render-manifest (default: none; refused until "
-        "render-manifest supports it)",
+        choices=list(ALP_PRESETS),
+        help="Adaptive Latent Prediction preset of every run (default: off; a manifest row's 'alp' wins)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="Ray worker actors per video; 0 = no Ray (default: 2)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults["workers"],
+        help="Ray worker actors per video; 0 = no Ray (default: %(default)s)",
+    )
     parser.add_argument(
         "--ray-address",
         default=None,
         help="Ray cluster the runs join (default: $RAY_ADDRESS of the process running the flow, else a local one)",
     )
-    parser.add_argument("--extractor", default="pixel", choices=available_extractors(), help="(default: pixel)")
+    parser.add_argument(
+        "--extractor",
+        default=defaults["extractor"],
+        choices=available_extractors(),
+        help="expression feature extractor (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument(
         "--cron",
@@ -336,6 +350,7 @@ def _run_render(args: argparse.Namespace) -> int:
         line=1,
     )
     sidecar = args.out[: -len(".mp4")] + ".json" if args.out.endswith(".mp4") else args.out + ".json"
+    check_credentials([args.reference, args.driving, args.out])
     with render_module.open_backend(settings) as backend:
         try:
             result = render_module.render_job(job, JobOutputs(args.out, sidecar), backend, settings)
@@ -353,6 +368,7 @@ def _run_render(args: argparse.Namespace) -> int:
 
 def _run_batch(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    check_run([args.manifest], args.out)  # credentials and a writable output before anything starts (exit 2)
     if not storage.exists(args.manifest):
         raise ValueError(f"manifest {args.manifest} does not exist")
     settings.resource_limits()  # bad limit values and model sources are usage errors: exit 2 before anything starts
@@ -442,6 +458,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not instance_metadata_allowed():
+        # No credential lookup may reach the cloud metadata service unless the operator opted in
+        # (FLASHPORTRAIT_ALLOW_INSTANCE_METADATA=1 on EC2/ECS/EKS).
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     logging.basicConfig(
         level=os.environ.get("FLASHPORTRAIT_LOG_LEVEL", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -32,6 +32,7 @@ from flashportrait.infra import storage, video_io
 from flashportrait.infra.images import fit_image
 from flashportrait.infra.limits import Limits
 from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video, sandbox_limits
+from flashportrait.infra.preflight import check_run
 from flashportrait.infra.redact import install_log_redaction, redact, redact_value
 from flashportrait.infra.tables import read_manifest_records, write_report
 from flashportrait.infra.urls import UrlPolicy
@@ -555,6 +556,7 @@ def render_manifest(
         force=force,
         alp=alp,
     )
+    check_run([manifest_url], output_prefix)  # credentials (no metadata-service call) and a writable output
     jobs, failures = read_manifest(manifest_url, settings)
     results = [RenderResult.failed(f) for f in failures]
     try:

@@ -10,19 +10,26 @@ process, so two concurrent jobs would share (and commit or abort) each other's t
 ``exclusive=True`` is a real conditional create: on S3, s3fs mode ``"xb"`` sends ``If-None-Match: *`` on PutObject and
 on CompleteMultipartUpload (checked against moto in the tests, which first prove moto enforces the header); locally
 the finished temp file is hard-linked to the final name, which fails atomically if the name exists.
+
+S3 requests are bounded (:class:`S3Settings`): without bounds, s3fs's own retry loop (5 tries) wraps botocore's (5
+attempts) and a part that keeps getting 503 takes 50 attempts and 93 s to fail, and a stalled connection waits
+botocore's 60 s per attempt. Every error that leaves this module names the URL it was about.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -36,24 +43,109 @@ PART_SIZE = 5 << 20
 # Read/copy chunk: big enough to keep S3 throughput up, small enough that nothing holds a whole video in memory.
 COPY_CHUNK = 8 << 20
 
+S3_CONNECT_TIMEOUT_ENV = "FLASHPORTRAIT_S3_CONNECT_TIMEOUT_S"
+S3_READ_TIMEOUT_ENV = "FLASHPORTRAIT_S3_READ_TIMEOUT_S"
+S3_MAX_ATTEMPTS_ENV = "FLASHPORTRAIT_S3_MAX_ATTEMPTS"
+S3_OPERATION_ATTEMPTS_ENV = "FLASHPORTRAIT_S3_OPERATION_ATTEMPTS"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How long and how often one S3 request may be tried, read from the environment when a filesystem is made.
+
+    Two retry loops are stacked and both are bounded here. botocore tries each HTTP request up to ``max_attempts``
+    times in its "standard" mode (exponential backoff with jitter, capped at 20 s, and a per-client retry quota that
+    stops retrying when most requests fail) on 5xx, throttling (503 SlowDown), connection errors and timeouts.
+    Around it, s3fs repeats the whole operation up to ``operation_attempts`` times on throttling and on errors while
+    reading a response *body* (a reset or stalled download), which botocore's loop never sees. A request that keeps
+    failing the same way is therefore sent at most ``max_attempts * operation_attempts`` times (8 by default;
+    measured: an UploadPart answered 503 every time gives up after 8 attempts in about 12 s and the upload is
+    aborted, where unbounded s3fs took 50 attempts and 93 s and left it pending). Other S3 errors (500, 403, 404)
+    end after botocore's ``max_attempts``. aiohttp re-sends an idempotent request once more when the connection is
+    reset under it, so a reset can cost up to twice the budget in requests. A response that sends no byte for
+    ``read_timeout_s`` counts as a failed attempt, so a stalled endpoint costs at most about
+    ``attempts_budget * read_timeout_s`` plus the backoff, never an unbounded wait.
+    """
+
+    connect_timeout_s: float = 5.0  # TCP (+TLS) connect; S3 answers in milliseconds, a dead host never does
+    read_timeout_s: float = 30.0  # silence between bytes of a response; CompleteMultipartUpload can take seconds
+    max_attempts: int = 4  # botocore's total attempts per HTTP request (first try included)
+    operation_attempts: int = 2  # s3fs's tries of a whole operation (request + reading its body)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
+        """Settings from the ``FLASHPORTRAIT_S3_*`` variables; a bad value raises a ValueError naming the variable."""
+        environ = os.environ if environ is None else environ
+        default = cls()
+        return cls(
+            connect_timeout_s=_env_number(environ, S3_CONNECT_TIMEOUT_ENV, default.connect_timeout_s, float, 0.1, 600),
+            read_timeout_s=_env_number(environ, S3_READ_TIMEOUT_ENV, default.read_timeout_s, float, 0.1, 3600),
+            max_attempts=_env_number(environ, S3_MAX_ATTEMPTS_ENV, default.max_attempts, int, 1, 20),
+            operation_attempts=_env_number(environ, S3_OPERATION_ATTEMPTS_ENV, default.operation_attempts, int, 1, 10),
+        )
+
+    @property
+    def attempts_budget(self) -> int:
+        """The most times one request is sent before the operation fails."""
+        return self.max_attempts * self.operation_attempts
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """``botocore.config.Config`` arguments (s3fs passes ``config_kwargs`` through).
+
+        ``total_max_attempts`` counts the first try; botocore's older ``max_attempts`` key counts retries only.
+        """
+        return {
+            "connect_timeout": self.connect_timeout_s,
+            "read_timeout": self.read_timeout_s,
+            "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"},
+        }
+
+
+def _env_number(
+    environ: Mapping[str, str], name: str, default: float, kind: type[float] | type[int], low: float, high: float
+) -> Any:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ValueError(
+            f"{name}={raw!r} is not a {'whole number' if kind is int else 'number'} between {low:g} and {high:g}; "
+            f"unset it for the default ({default:g}) or set a value in that range."
+        )
+    return value
+
 
 def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the filesystem-specific path for ``url``.
 
     For S3 the endpoint is taken from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and passed explicitly: botocore
     would read the variable itself, but fsspec caches filesystem instances by their arguments, so an explicit argument
-    makes a changed endpoint (a test server, a different MinIO) yield a new instance instead of a stale one. Region is
-    deliberately left to the environment (``region_name`` in ``client_kwargs`` makes bucket creation send a bad
-    ``LocationConstraint``). Listings are not cached, so an object another process just wrote is seen at once.
+    makes a changed endpoint (a test server, a different MinIO) yield a new instance instead of a stale one. The same
+    holds for the timeouts and retry bounds (:class:`S3Settings`), which are read from the environment here, on every
+    call. Region is deliberately left to the environment (``region_name`` in ``client_kwargs`` makes bucket creation
+    send a bad ``LocationConstraint``). Listings are not cached, so an object another process just wrote is seen at
+    once.
     """
     protocol, _ = fsspec.core.split_protocol(url)
     options: dict[str, object] = {}
+    settings: S3Settings | None = None
     if protocol in ("s3", "s3a"):
+        settings = S3Settings.from_env()
         options["use_listings_cache"] = False
+        options["config_kwargs"] = settings.config_kwargs()
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["endpoint_url"] = endpoint
-    return fsspec.core.url_to_fs(url, **options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if settings is not None:
+        # s3fs takes its own retry count only as an attribute (its constructor would hand ``retries=`` to the
+        # botocore session and fail); the cached instance was made from the same environment, so this is stable.
+        fs.retries = settings.operation_attempts
+    return fs, path
 
 
 def resolve_url(url: str, base_url: str | None) -> str:
@@ -98,8 +190,14 @@ def download(url: str, dest: str | Path) -> Path:
     dest = Path(dest)
     with _errors_name(url, "download"):
         source = fs.open(path, "rb", block_size=COPY_CHUNK)  # looks the object up: "not found" / "denied" arise here
-    with source, _local_atomic_write(dest, exclusive=False) as target:
-        shutil.copyfileobj(source, target, COPY_CHUNK)
+    # Read errors name the URL, write errors (a full scratch disk) name the local file: each says where to look.
+    with _errors_name(str(dest), "write"), source, _local_atomic_write(dest, exclusive=False) as target:
+        while True:
+            with _errors_name(url, "download"), _s3fs_range_error_unmasked():
+                chunk = source.read(COPY_CHUNK)
+            if not chunk:
+                break
+            target.write(chunk)
     logger.debug("downloaded %s to %s", url, dest)
     return dest
 
@@ -200,19 +298,130 @@ _HINTS = {
     FileNotFoundError: "check the URL (for S3: that the bucket exists and the key is spelled right)",
     PermissionError: "check that this process (its credentials, or file permissions) may access it",
 }
+_TRANSIENT_HINT = (
+    "the store kept failing within the retry budget; check its health and the endpoint, or raise "
+    f"{S3_MAX_ATTEMPTS_ENV} / {S3_READ_TIMEOUT_ENV}, then re-run (only unfinished rows are redone)"
+)
+_LOCAL_HINT = "check the disk holding it (free space, file-size limit, permissions)"
+_NAMED = "_flashportrait_names_its_url"  # set on errors already re-raised with a URL, so outer layers keep them
 
 
 @contextmanager
 def _errors_name(url: str, action: str) -> Iterator[None]:
-    """Re-raise "not found" / "access denied" naming the URL: s3fs's own messages ("The specified bucket does not
-    exist", "Access Denied") do not say which of a batch's many URLs was meant."""
+    """Re-raise storage errors naming the URL: s3fs's own messages ("The specified bucket does not exist", "Access
+    Denied", "Please reduce your request rate.") and botocore's transport errors do not say which of a batch's many
+    URLs was meant, and the latter are not even OSErrors. "Already exists" passes unchanged: the conditional create
+    decides it and callers treat it as an answer, not a failure. Errors keep their kind (errno and OSError subclass),
+    so ``except TimeoutError`` / ``except ConnectionError`` still work."""
+    remote = fsspec.core.split_protocol(url)[0] not in (None, "file", "local")
     try:
         yield
+    except FileExistsError:
+        raise
     except (FileNotFoundError, PermissionError) as error:
-        if url in str(error):
+        if getattr(error, _NAMED, False) or url in str(error):
             raise
         kind = FileNotFoundError if isinstance(error, FileNotFoundError) else PermissionError
-        raise kind(f"Cannot {action} {url}: {error}; {_HINTS[kind]}.") from error
+        raise _mark(kind(f"Cannot {action} {url}: {_describe(error, remote)}; {_HINTS[kind]}.")) from error
+    except _transport_errors() as error:  # before OSError: botocore's ReadTimeoutError is also an IOError
+        timed_out = "timeout" in type(error).__name__.lower()
+        what = "timed out" if timed_out else "connection failed or was reset"
+        message = f"Cannot {action} {url}: {what} ({_describe(error, remote)}); {_TRANSIENT_HINT}."
+        raise _mark(OSError(errno.ETIMEDOUT if timed_out else errno.ECONNABORTED, message)) from error
+    except OSError as error:
+        if getattr(error, _NAMED, False) or url in str(error):
+            raise
+        hint = _TRANSIENT_HINT if remote else _LOCAL_HINT
+        raise _mark(_named_os_error(error, f"Cannot {action} {url}: {_describe(error, remote)}; {hint}.")) from error
+
+
+def _mark(error: BaseException) -> BaseException:
+    setattr(error, _NAMED, True)
+    return error
+
+
+def _named_os_error(error: OSError, message: str) -> OSError:
+    """An OSError of the same kind (same errno, hence same subclass) carrying ``message``."""
+    if error.errno is not None:
+        return OSError(error.errno, message)
+    try:
+        return type(error)(message)
+    except Exception:  # an exotic constructor: the errno-less base class still says what happened
+        return OSError(message)
+
+
+def _settings() -> S3Settings:
+    """The settings for messages; a bad variable must not hide the error being reported (it is reported elsewhere)."""
+    try:
+        return S3Settings.from_env()
+    except ValueError:
+        return S3Settings()
+
+
+def _describe(error: BaseException, remote: bool = True) -> str:
+    """The error's text plus, for S3, the HTTP status, the error code and how many attempts were spent on it."""
+    text = str(error) or type(error).__name__
+    if not remote:
+        return text
+    settings = _settings()
+    if isinstance(error, TimeoutError) and not str(error):
+        text = f"timed out (no data for {settings.read_timeout_s:g} s, {S3_READ_TIMEOUT_ENV})"
+    response = getattr(error.__cause__, "response", None)
+    if not isinstance(response, dict):
+        if isinstance(error, (TimeoutError, *_transport_errors())):
+            text += f"; gave up within the retry budget of {settings.attempts_budget} attempts"
+        return text
+    meta = response.get("ResponseMetadata", {})
+    status = meta.get("HTTPStatusCode")
+    code = response.get("Error", {}).get("Code")
+    # A HEAD error has no body, so botocore makes its status the code: say it once.
+    details = " ".join(dict.fromkeys(str(part) for part in (status, code) if part))
+    if not details:
+        return text
+    attempts = int(meta.get("RetryAttempts", 0)) + 1
+    if attempts > 1 and _s3fs_repeats(code, text):
+        attempts *= settings.operation_attempts
+    return f"{text} (S3 {details}; failed after {attempts} attempt{'s' if attempts != 1 else ''})"
+
+
+def _s3fs_repeats(code: object, text: str) -> bool:
+    """Whether s3fs (2026.9) repeats an operation after botocore gave up on this error: only throttling answers,
+    matched on these words (its ``_error_wrapper``); other S3 errors end after botocore's own attempts."""
+    return any(word in f"{code} {text}" for word in ("SlowDown", "reduce your request rate", "XAmzContentSHA256"))
+
+
+@contextmanager
+def _s3fs_range_error_unmasked() -> Iterator[None]:
+    """s3fs 2026.9's ranged read inspects ``error.args[0]`` of any OSError and so turns an argument-less timeout
+    (a stalled body) into ``IndexError: tuple index out of range``; give the caller the timeout it hid."""
+    try:
+        yield
+    except IndexError as error:
+        if isinstance(error.__context__, OSError):
+            raise error.__context__ from None
+        raise
+
+
+@cache
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """botocore's and aiohttp's connection/timeout errors, which s3fs lets through untranslated (and not as
+    OSErrors) once its retries are spent; imported lazily so local-only use needs neither package. Other botocore
+    errors (no credentials, bad parameters) are not transport failures and pass unchanged."""
+    found: list[type[BaseException]] = []
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        found += [BotoConnectionError, HTTPClientError]  # refused/timed-out connects; resets, read timeouts
+    except ImportError:  # pragma: no cover - s3fs depends on botocore
+        pass
+    try:
+        from aiohttp import ClientError
+
+        found.append(ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(found)
 
 
 @contextmanager
