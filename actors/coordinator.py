@@ -195,6 +195,7 @@ class RayDenoiseBackend:
         height, width = request.reference.shape[:2]
         latents = initial_noise(request.seed, (1, z, plan.num_latent_frames, height // 8, width // 8)).numpy()
         busy = 0.0
+        calls = 0
         try:
             for step in range(steps):
                 refs = [
@@ -204,12 +205,12 @@ class RayDenoiseBackend:
                     for actor, shard in shards
                 ]
                 t0 = time.perf_counter()
-                stepped = self._gather(refs, job_key, step)
+                stepped, step_calls = self._gather(refs, job_key, step)
+                calls += step_calls
                 busy += time.perf_counter() - t0
                 latents = blend_overlaps(plan, _as_tensors(stepped)).numpy()
                 if progress is not None:
                     progress(step + 1, steps)
-            calls = sum(ray.get([actor.transformer_calls.remote(job_key) for actor, _ in shards]))
             alp_windows = [
                 w for part in ray.get([a.alp_window_stats.remote(job_key) for a, _ in shards]) for w in part
             ]
@@ -218,8 +219,9 @@ class RayDenoiseBackend:
                 actor.release.remote(job_key)
         return latents, calls, alp_windows, busy, len(shards)
 
-    def _gather(self, refs: list, job_key: str, step: int) -> dict[int, np.ndarray]:
-        """Wait on every shard at once (never one blocking get at a time) with a deadline."""
+    def _gather(self, refs: list, job_key: str, step: int) -> tuple[dict[int, np.ndarray], int]:
+        """Wait on every shard at once (never one blocking get at a time) with a deadline; merged latents and the
+        step's transformer calls."""
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.pool.settings.step_timeout_s)
         if pending:
             raise BackendUnavailable(
@@ -227,14 +229,16 @@ class RayDenoiseBackend:
                 f"{self.pool.settings.step_timeout_s:.0f} s"
             )
         merged: dict[int, np.ndarray] = {}
+        calls = 0
         try:
             for part in ray.get(ready):
-                merged.update(part)
+                merged.update(part.latents)
+                calls += part.transformer_calls
         except (RayActorError, RaySystemError, ObjectLostError) as exc:
             raise BackendUnavailable(
                 f"job {job_key}: a worker died at step {step} and could not be restarted ({type(exc).__name__})"
             ) from exc
-        return merged
+        return merged, calls
 
 
 def _as_tensors(arrays: dict[int, np.ndarray]):

@@ -37,6 +37,12 @@ class WorkerInfo:
     weights_sha256: dict[str, str]
 
 
+@dataclass(frozen=True)
+class StepResult:
+    latents: dict[int, np.ndarray]  # window index → stepped latents
+    transformer_calls: int
+
+
 class WindowWorker:
     """Wrapped with ``ray.remote`` by ``actors.coordinator.WorkerPool`` (resources and restarts set there)."""
 
@@ -74,11 +80,14 @@ class WindowWorker:
         windows: list[Window],
         step_index: int,
         window_latents: dict[int, np.ndarray],
-    ) -> dict[int, np.ndarray]:
-        """Advance this worker's windows by one step; latents travel as numpy arrays (zero-copy in the store)."""
+    ) -> StepResult:
+        """Advance this worker's windows by one step; latents travel as numpy arrays (zero-copy in the store).
+
+        The step's transformer calls come back with it, so the job's count survives a restart of this actor."""
         from flashportrait.model import runtime
 
         denoiser, grid = self._job(job_key, inputs, windows)
+        calls_before = denoiser.transformer_calls
         try:
             stepped = step_windows(denoiser, runtime.tensors_from_numpy(window_latents), grid, step_index)
         except RuntimeError as exc:
@@ -87,7 +96,7 @@ class WindowWorker:
                 logger.error("fatal device error in job %s step %d: %s; exiting for restart", job_key, step_index, exc)
                 os._exit(1)
             raise
-        return {k: v.numpy() for k, v in stepped.items()}
+        return StepResult({k: v.numpy() for k, v in stepped.items()}, denoiser.transformer_calls - calls_before)
 
     def transformer_calls(self, job_key: str) -> int:
         job = self._jobs.get(job_key)

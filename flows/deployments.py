@@ -46,6 +46,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from flashportrait.infra import storage
 from flashportrait.infra.redact import redact
 from flashportrait.infra.tables import SUPPORTED_MANIFEST_FORMATS
+from flashportrait.model.alp import ALP_PRESETS
+from flashportrait.model.expression import available_extractors
 from flashportrait.model.presets import PRESETS
 
 from .render import is_manifest_rendered, manifest_output_prefix, render_manifest
@@ -88,16 +90,8 @@ def _normalise_prefix(url: str) -> str:
     return url.rstrip("/") + "/"
 
 
-def _check_alp(alp: str | None) -> dict[str, Any]:
-    """``alp`` as a keyword for ``render_manifest``, once it accepts one; until then only ``None`` is valid."""
-    if alp is None:
-        return {}
-    if "alp" in inspect.signature(render_manifest.fn).parameters:
-        return {"alp": alp}
-    raise ValueError(
-        f"alp={alp!r}: this version of render-manifest has no ALP (adaptive latent prediction) support yet; "
-        "leave alp unset (None) or upgrade flashportrait"
-    )
+# The run-level defaults are render-manifest's own, so a deployment renders what `flashportrait batch` would.
+RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(render_manifest.fn).parameters.items()}
 
 
 # One manifest ---------------------------------------------------------------------------------------------------
@@ -106,11 +100,11 @@ class RenderOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    preset: str = "tiny"
+    preset: str = RENDER_DEFAULTS["preset"]
     alp: str | None = None
-    workers: int = 2
+    workers: int = RENDER_DEFAULTS["workers"]
     ray_address: str | None = None
-    extractor: str = "pixel"
+    extractor: str = RENDER_DEFAULTS["extractor"]
     steps: int | None = None
     force: bool = False
 
@@ -138,7 +132,15 @@ class RenderOptions(BaseModel):
     @field_validator("alp")
     @classmethod
     def _alp(cls, value: str | None) -> str | None:
-        _check_alp(value)
+        if value is not None and value not in ALP_PRESETS:
+            raise ValueError(f"unknown ALP preset {value!r}; use one of {', '.join(ALP_PRESETS)} or leave it unset")
+        return value
+
+    @field_validator("extractor")
+    @classmethod
+    def _extractor(cls, value: str) -> str:
+        if value not in available_extractors():
+            raise ValueError(f"unknown extractor {value!r}; use one of {', '.join(available_extractors())}")
         return value
 
 
@@ -189,7 +191,7 @@ def render_manifest_if_new(
             extractor=options.extractor,
             steps=options.steps,
             force=options.force,
-            **_check_alp(options.alp),
+            alp=options.alp,
         )
     return ManifestOutcome(
         manifest=manifest_url,
@@ -216,11 +218,11 @@ def render_manifest_version(
     manifest_url: str,
     output_root: str,
     manifest_etag: str | None = None,
-    preset: str = "tiny",
+    preset: str = RENDER_DEFAULTS["preset"],
     alp: str | None = None,
-    workers: int = 2,
+    workers: int = RENDER_DEFAULTS["workers"],
     ray_address: str | None = None,
-    extractor: str = "pixel",
+    extractor: str = RENDER_DEFAULTS["extractor"],
     steps: int | None = None,
     force: bool = False,
 ) -> ManifestOutcome:
@@ -268,11 +270,11 @@ def _colliding_names(manifests: list[str], output_root: str) -> dict[str, list[s
 def bulk_render(
     input_prefix: str,
     output_root: str,
-    preset: str = "tiny",
+    preset: str = RENDER_DEFAULTS["preset"],
     alp: str | None = None,
-    workers: int = 2,
+    workers: int = RENDER_DEFAULTS["workers"],
     ray_address: str | None = None,
-    extractor: str = "pixel",
+    extractor: str = RENDER_DEFAULTS["extractor"],
     steps: int | None = None,
     force: bool = False,
 ) -> BulkRenderSummary:

@@ -3,11 +3,13 @@
 The API is the session harness (a temporary Prefect server subprocess; it runs the event, trigger and action
 services, so a deployment trigger fires as on `prefect server start`, but not the scheduler, so no cron run starts
 by the clock). Runs are executed the two ways users run them: `flashportrait deploy` + a `prefect worker` of a
-process pool, and `flashportrait serve`. Every run renders in-process (workers=0) with one denoising step.
+process pool, and `flashportrait serve`. Every run renders in-process (workers=0) with one denoising step and the
+pixel extractor.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -47,6 +49,7 @@ from flashportrait.infra import storage
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
+FAST = {"workers": 0, "steps": 1, "extractor": "pixel"}  # in-process, one step, the coarse extractor meant for tests
 WAIT_S = 240  # one run here: ~10 s of process start and imports, a few s of rendering; generous for a shared CPU
 
 
@@ -72,20 +75,19 @@ def test_settings_refuse_bad_schedules_and_overlapping_prefixes():
         dep.RenderOptions(preset="huge")
     with pytest.raises(ValueError, match="workers must be ≥ 0"):
         dep.RenderOptions(workers=-1)
-
-
-@pytest.mark.skipif("alp" in render_manifest.fn.__code__.co_varnames, reason="render-manifest accepts alp now")
-def test_alp_is_refused_until_render_manifest_takes_it():
-    with pytest.raises(ValueError, match="alp='fast'.*no ALP .*support yet; leave alp unset"):
-        dep.RenderOptions(alp="fast")
-    assert dep.RenderOptions(alp=None).alp is None
+    with pytest.raises(ValueError, match="unknown ALP preset 'turbo'; use one of off, balanced"):
+        dep.RenderOptions(alp="turbo")
+    with pytest.raises(ValueError, match="unknown extractor 'eyeball'"):
+        dep.RenderOptions(extractor="eyeball")
 
 
 def test_deployments_carry_cron_timezone_trigger_and_parameters():
+    render_manifest_defaults = inspect.signature(render_manifest.fn).parameters
+    render_manifest_defaults = {name: p.default for name, p in render_manifest_defaults.items()}
     settings = dep.DeploymentSettings(
         input_prefix="s3://b/manifests",
         output_root="s3://b/out",
-        render=dep.RenderOptions(workers=4, ray_address="head:6379", steps=8),
+        render=dep.RenderOptions(workers=4, ray_address="head:6379", steps=8, alp="balanced"),
         cron="30 1 * * 1-5",
         timezone="Europe/Berlin",
     )
@@ -98,10 +100,10 @@ def test_deployments_carry_cron_timezone_trigger_and_parameters():
         "input_prefix": "s3://b/manifests",
         "output_root": "s3://b/out",
         "preset": "tiny",
-        "alp": None,
+        "alp": "balanced",
         "workers": 4,
         "ray_address": "head:6379",
-        "extractor": "pixel",
+        "extractor": render_manifest_defaults["extractor"],  # render-manifest's own default
         "steps": 8,
     }
     assert (on_event.flow_name, on_event.name) == ("render-manifest-version", "render-manifest")
@@ -251,13 +253,13 @@ ROW = '{"id": "clip", "reference": "reference.png", "driving": "driving_short.mp
 def test_one_manifest_version_renders_once_and_a_replaced_one_not_at_all(prefect_harness, tmp_path):
     url = local_manifest(tmp_path / "in", "m.jsonl", ROW)
     out = tmp_path / "out"
-    stale = dep.render_manifest_version(url, str(out), manifest_etag="stale-etag", workers=0, steps=1)
+    stale = dep.render_manifest_version(url, str(out), manifest_etag="stale-etag", **FAST)
     assert stale.status == "superseded" and "stale-etag →" in stale.reason and not out.exists()
     # An event without the ETag label templates "": the current version renders.
-    first = dep.render_manifest_version(url, str(out), manifest_etag="", workers=0, steps=1)
+    first = dep.render_manifest_version(url, str(out), manifest_etag="", **FAST)
     assert (first.status, first.done, first.output_prefix) == ("rendered", 1, str(out / "m"))
     assert (out / "m" / "clip.mp4").exists()
-    again = dep.render_manifest_version(url, str(out), manifest_etag=dep.manifest_version(url), workers=0, steps=1)
+    again = dep.render_manifest_version(url, str(out), manifest_etag=dep.manifest_version(url), **FAST)
     assert again.status == "already-rendered" and again.done == 0
 
 
@@ -268,7 +270,7 @@ def test_bulk_render_isolates_bad_and_colliding_manifests(prefect_harness, tmp_p
     local_manifest(inputs, "twin.jsonl", ROW)
     local_manifest(inputs / "x", "twin.csv", "id,reference,driving\nclip,reference.png,driving_short.mp4\n")
     local_manifest(inputs, "empty.jsonl", "")
-    summary = dep.bulk_render(str(inputs), str(tmp_path / "out"), workers=0, steps=1)
+    summary = dep.bulk_render(str(inputs), str(tmp_path / "out"), **FAST)
     status = {Path(o.manifest).relative_to(inputs).as_posix(): o.status for o in summary.manifests}
     assert status == {"empty.jsonl": "failed", "ok.jsonl": "rendered", "twin.jsonl": "failed", "x/twin.csv": "failed"}
     reasons = {Path(o.manifest).name: o.reason for o in summary.manifests}
@@ -313,7 +315,7 @@ def deployed(bucket: str, child_env: dict[str, str], tmp_path_factory) -> Iterat
     settings = dep.DeploymentSettings(
         input_prefix=f"s3://{bucket}/manifests/",
         output_root=f"s3://{bucket}/out",
-        render=dep.RenderOptions(workers=0, steps=1),
+        render=dep.RenderOptions(**FAST),
         cron="0 3 * * *",
         timezone="Europe/Berlin",
     )
@@ -376,9 +378,8 @@ def test_manifest_event_starts_exactly_one_run_and_the_same_event_again_none(dep
 
 @pytest.mark.slow
 def test_scheduled_bulk_run_renders_only_new_manifests(deployed, bucket):
-
     old = upload_manifest(bucket, "bulk/old.jsonl", "one")
-    summary = render_manifest(old, f"s3://{bucket}/bulk-out/old", workers=0, steps=1)  # rendered before, by hand
+    summary = render_manifest(old, f"s3://{bucket}/bulk-out/old", **FAST)  # rendered before, by hand
     assert summary.done == 1
     old_marker = boto3.client("s3").head_object(Bucket=bucket, Key="bulk-out/old/_manifest.json")["ETag"]
     new = upload_manifest(bucket, "bulk/nested/new.csv", "two")  # a CSV manifest, one folder down
@@ -405,7 +406,7 @@ def served(bucket: str, child_env: dict[str, str], tmp_path_factory) -> Iterator
     """`flashportrait serve` for another prefix, under other deployment names, beside the worker-run pair."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [str(BIN / "flashportrait"), "serve", "--input-prefix", f"s3://{bucket}/served/"]
-    command += ["--output-root", f"s3://{bucket}/served-out", "--workers", "0", "--steps", "1"]
+    command += ["--output-root", f"s3://{bucket}/served-out", "--workers", "0", "--steps", "1", "--extractor", "pixel"]
     command += ["--timezone", "America/New_York", "--bulk-name", "bulk-served", "--render-name", "render-served"]
     process = start(command, log, child_env)
 
