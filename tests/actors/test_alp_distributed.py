@@ -105,7 +105,7 @@ def test_shuffled_placement_and_completion_order_give_the_same_bits(pool, single
                 )
             stepped = {}
             for ref in rng.sample(refs, len(refs)):
-                stepped.update(ray.get(ref))
+                stepped.update(ray.get(ref).latents)
             latents = blend_overlaps(plan, runtime.tensors_from_numpy(stepped)).numpy()
     finally:
         for actor, _ in shards:
