@@ -38,7 +38,7 @@ from flashportrait.infra.tables import read_manifest_records, write_report
 from flashportrait.infra.urls import UrlPolicy
 from flashportrait.model.expression import get_extractor
 from flashportrait.model.expression.landmark import detect_face_box
-from flashportrait.model.loading import ModelSource
+from flashportrait.model.loading import ModelSource, resolve_local
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, StreamingResult
 from flashportrait.model.presets import get_preset
 
@@ -206,7 +206,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             info=info.video_info(),
             preexec_fn=sandbox_limits(limits),
         )
-        features = get_extractor(settings.extractor).extract(frames, source=redact(job.driving))
+        features = _extractor(settings).extract(frames, source=redact(job.driving))
         features = features[: video_io.largest_4k_plus_1(len(features))]
         # 3. Reference (the sandbox's decode) fitted to the model resolution around the detected face.
         face_box = detect_face_box(reference_pixels)
@@ -301,6 +301,15 @@ def _fetch(url: str, dest: Path, field_name: str, limits: Limits) -> Path:
     return storage.download(url, dest)
 
 
+def _extractor(settings: RenderSettings):
+    """The expression extractor; PD-FGC reads its ONNX face models and encoder from the released files."""
+    if settings.extractor == "pdfgc":
+        if settings.flashportrait is None:
+            raise ValueError("--extractor pdfgc needs the released files (--flashportrait URL): its models are there")
+        return get_extractor("pdfgc", model_dir=resolve_local(settings.flashportrait))
+    return get_extractor(settings.extractor)
+
+
 def _alp_total(result: StreamingResult, key: str) -> float:
     return float(result.stats.alp.totals.get(key, 0.0)) if result.stats.alp is not None else 0.0
 
@@ -393,8 +402,10 @@ def open_backend(settings: RenderSettings) -> Iterator[Backend]:
     if settings.workers == 0:
         yield FlashPortraitPipeline.from_source(source)
         return
-    connect(RayClusterSettings(address=settings.ray_address))
-    pool = WorkerPool(WorkerPoolSettings(source=source, workers=settings.workers))
+    cluster = connect(RayClusterSettings(address=settings.ray_address))
+    # One GPU per worker on a GPU cluster (Ray sets CUDA_VISIBLE_DEVICES for it); CPU workers otherwise.
+    gpus = 1.0 if cluster.gpus >= settings.workers else 0.0
+    pool = WorkerPool(WorkerPoolSettings(source=source, workers=settings.workers, gpus_per_worker=gpus))
     try:
         yield RayDenoiseBackend(pool)
     finally:
