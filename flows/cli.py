@@ -67,10 +67,10 @@ def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
     )
     parser.add_argument(
         "--extractor",
-        default="landmark",
+        default=None,
         choices=available_extractors(),
         help="expression feature extractor: landmark (download-free, dlib), pdfgc (the released model's; needs its "
-        "files), pixel (coarse, for tests) (default: landmark)",
+        "files), pixel (coarse, for tests) (default: pdfgc with --base/--flashportrait, else landmark)",
     )
     parser.add_argument(
         "--steps",
@@ -316,7 +316,7 @@ def _settings(args: argparse.Namespace) -> render_module.RenderSettings:
         raise ValueError(f"--crf must be between 0 and 51, got {args.crf}")
     return render_module.RenderSettings(
         preset=args.preset,
-        extractor=args.extractor,
+        extractor=args.extractor or ("pdfgc" if args.flashportrait else "landmark"),
         workers=args.workers,
         ray_address=args.ray_address,
         steps=args.steps,
@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("FLASHPORTRAIT_LOG_LEVEL", "WARNING"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if getattr(args, "preset", None) == "tiny":
+    if getattr(args, "preset", None) == "tiny" and not getattr(args, "flashportrait", None):
         print(
             "note: preset 'tiny' has random weights — it exercises the whole system but renders noise, not a portrait",
             file=sys.stderr,

@@ -48,6 +48,8 @@ def test_render_with_released_files(tmp_path):
             "2",
             "--alp",
             "off",
+            "--extractor",
+            "landmark",
         ],
         cwd=ROOT,
         env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
