@@ -50,7 +50,9 @@ class WorkerPoolSettings:
     gpus_per_worker: float = 0.0  # 1 on a GPU cluster; fractions let tests place several actors on one GPU
     torch_threads: int | None = 1
     step_timeout_s: float = 600.0  # one step of one window never legitimately takes longer
-    max_restarts: int = 3
+    # Unlimited restarts and call retries (Ray's idiom for model-holding actors): a step is a pure function of its
+    # inputs, so a retry is safe, and step_timeout_s still bounds a worker that keeps dying.
+    max_restarts: int = -1
     # One placement group reserves every worker's resources at once (gang scheduling, no half-started pool);
     # SPREAD puts workers on different nodes when it can, without pinning any actor to a node that may die.
     placement_strategy: str = "SPREAD"

@@ -145,6 +145,8 @@ def main() -> int:
     parser.add_argument("--cap-s", type=float, default=900.0, help="hard wall-clock cap for the whole soak")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    # moto accepts any credentials; these are set for this process and every batch it starts.
+    os.environ.update(AWS_ACCESS_KEY_ID="soak", AWS_SECRET_ACCESS_KEY="soak", AWS_DEFAULT_REGION="us-east-1")
     started = time.monotonic()
     cap_at = started + args.cap_s
     server, moto_endpoint = start_moto()

@@ -118,6 +118,12 @@ def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
         "the environment variable FLASHPORTRAIT_<NAME> (e.g. FLASHPORTRAIT_MAX_INPUT_PIXELS); flags win.",
     )
     guard.add_argument(
+        "--lenient-decode",
+        action="store_true",
+        help="keep the frames of a truncated or damaged driving video instead of failing the row; the sidecar "
+        "records what was dropped (default: fail closed)",
+    )
+    guard.add_argument(
         "--allow-scheme",
         action="append",
         default=None,
@@ -322,6 +328,7 @@ def _settings(args: argparse.Namespace) -> render_module.RenderSettings:
         steps=args.steps,
         crf=args.crf,
         force=args.force,
+        lenient_decode=args.lenient_decode,
         alp=args.alp,
         base=args.base,
         flashportrait=args.flashportrait,

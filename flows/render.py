@@ -69,6 +69,9 @@ class RenderSettings(BaseModel):
     encoder_preset: str = "medium"
     scratch_dir: str | None = None
     force: bool = False  # re-render and replace outputs that are already published
+    # Keep the frames of a truncated or damaged driving video instead of failing the row (the sidecar says what was
+    # dropped). Off by default: damaged media fail closed.
+    lenient_decode: bool = False
     alp: str | None = None  # Adaptive Latent Prediction preset (off, balanced, fast, paper); a row's "alp" wins
     # The released model's files (both or neither); without them the preset's built-in weights are used.
     base: str | None = None
@@ -109,6 +112,7 @@ class RenderSettings(BaseModel):
             "extractor": self.extractor,
             "steps": self.steps,
             "crf": self.crf,
+            "lenient_decode": self.lenient_decode,
             "encoder_preset": self.encoder_preset,
         }
 
@@ -198,6 +202,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         reference_pixels, reference_info = inspect_image(reference_path, scratch_dir / "reference.npy", limits)
         # 2. Driving video streamed at the job's fps (default: its own) through a sandboxed ffmpeg, at a size faces
         #    can be found in, into the expression extractor; then cut to the largest 4k+1 frame count.
+        decode_report = video_io.DecodeReport() if settings.lenient_decode else None
         frames = video_io.iter_frames(
             driving_path,
             fps=fps,
@@ -205,6 +210,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             max_frames=limits.max_frames,
             info=info.video_info(),
             preexec_fn=sandbox_limits(limits),
+            lenient=decode_report,
         )
         features = _extractor(settings).extract(frames, source=redact(job.driving))
         features = features[: video_io.largest_4k_plus_1(len(features))]
@@ -265,6 +271,13 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
                 "reference_normalised": reference_info.normalised,
                 "driving_fps": info.fps,
                 "driving_container": info.container,
+                "driving_damaged": None
+                if decode_report is None or not decode_report.damaged
+                else {
+                    "frames_kept": decode_report.frames_kept,
+                    "frames_dropped": decode_report.frames_dropped,
+                    "problem": decode_report.problem,
+                },
                 **result.stats.extra,
             },
             alp=job.alp or settings.alp or "",

@@ -251,6 +251,7 @@ def iter_frames(
     max_frames: int | None = None,
     info: VideoInfo | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    lenient: DecodeReport | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode ``path`` frame by frame as HxWx3 uint8 RGB frames, at a constant frame rate.
 
@@ -281,8 +282,15 @@ def iter_frames(
         while max_frames is None or count < max_frames:
             buffer = _read_frame(process.stdout, frame_bytes)
             if len(buffer) < frame_bytes:  # end of the stream (empty) or, if ffmpeg broke off, inside a frame
-                _check_decoder_exit(process, stderr, path, complete=not buffer)
-                _check_frame_count(count, _expected_frames(info, rate), stderr, path)
+                expected = _expected_frames(info, rate)
+                try:
+                    _check_decoder_exit(process, stderr, path, complete=not buffer)
+                    _check_frame_count(count, expected, stderr, path)
+                except FFmpegError as error:
+                    if lenient is None:
+                        raise  # fail closed: a damaged file is an error unless the caller opted into leniency
+                    lenient.record(count, expected, str(error).splitlines()[0])
+                    logger.warning("lenient decode of %s: kept %d frame(s): %s", path, count, lenient.problem)
                 return
             yield np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
             count += 1
@@ -320,6 +328,24 @@ def _read_frame(pipe: IO[bytes], frame_bytes: int) -> bytearray:
             filled += got
     del buffer[filled:]
     return buffer
+
+
+@dataclass
+class DecodeReport:
+    """Filled by a lenient decode (``iter_frames(lenient=report)``): what was kept and what was dropped, for the
+    sidecar. Without it, a truncated or damaged file raises instead (fail closed)."""
+
+    damaged: bool = False
+    frames_kept: int = 0
+    frames_expected: float | None = None
+    problem: str = ""
+
+    def record(self, kept: int, expected: float | None, problem: str) -> None:
+        self.damaged, self.frames_kept, self.frames_expected, self.problem = True, kept, expected, problem
+
+    @property
+    def frames_dropped(self) -> int:
+        return max(0, round(self.frames_expected or 0) - self.frames_kept) if self.damaged else 0
 
 
 def _check_decoder_exit(

@@ -101,3 +101,28 @@ def test_row_timeout_fails_the_row_not_the_batch(tmp_path, prefect_harness):
     (row,) = summary.results
     assert row["status"] == "failed" and "exceeded row_timeout_s (0.01 s) after step 1 of 50" in row["reason"]
     assert not (tmp_path / "out" / "slow.mp4").exists()
+
+
+def test_truncated_driving_video_fails_closed_unless_lenient(tmp_path, prefect_harness):
+    data = (EXAMPLES / "driving_talk.mp4").read_bytes()  # faststart: the index survives, the media is cut
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    (tmp_path / "reference.png").write_bytes((EXAMPLES / "reference.png").read_bytes())
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"id": "cut", "reference": "reference.png", "driving": "cut.mp4"}) + "\n"
+    )
+    from flashportrait.flows.render import RenderSettings
+
+    strict = render_manifest(
+        str(tmp_path / "m.jsonl"), str(tmp_path / "strict"), settings=RenderSettings(workers=0, steps=1)
+    )
+    (row,) = strict.results
+    assert row["status"] == "failed" and "truncated or damaged" in row["reason"]
+    lenient = render_manifest(
+        str(tmp_path / "m.jsonl"),
+        str(tmp_path / "lenient"),
+        settings=RenderSettings(workers=0, steps=1, lenient_decode=True),
+    )
+    (row,) = lenient.results
+    assert row["status"] == "done", row["reason"]
+    damaged = json.loads((tmp_path / "lenient" / "cut.json").read_text())["result"]["extra"]["driving_damaged"]
+    assert damaged["frames_dropped"] > 0 and damaged["frames_kept"] >= 5
