@@ -195,6 +195,7 @@ def main() -> int:
             "failed": len(failed),
             "lost": len(lost),
             "lost_ids": lost,
+            "failed_reasons": sorted({report[i]["reason"] for i in failed})[:5],
             "faults": {"kills": kills, "s3_errors_injected": proxy.injected()},
             "batch_exit_codes": [first, second],
             "second_run_skipped": sum(r["status"] == "skipped" for r in report.values()),
