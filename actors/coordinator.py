@@ -56,6 +56,8 @@ class WorkerPoolSettings:
     # One placement group reserves every worker's resources at once (gang scheduling, no half-started pool);
     # SPREAD puts workers on different nodes when it can, without pinning any actor to a node that may die.
     placement_strategy: str = "SPREAD"
+    # Extra environment for the worker processes (Ray starts them from the raylet's environment, not the driver's).
+    env_vars: tuple[tuple[str, str], ...] = ()
     start_timeout_s: float = 900.0  # model load included
 
 
@@ -80,6 +82,7 @@ class WorkerPool:
                 num_gpus=settings.gpus_per_worker,
                 max_restarts=settings.max_restarts,
                 max_task_retries=settings.max_restarts,
+                runtime_env={"env_vars": dict(settings.env_vars)} if settings.env_vars else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=i
                 ),

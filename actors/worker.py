@@ -37,6 +37,23 @@ class WorkerInfo:
     weights_sha256: dict[str, str]
 
 
+# Fault injection for the reliability tests (a device error cannot be produced on a CPU): when this variable names
+# a marker file that does not exist yet, the next step creates it and fails with a CUDA-style error — once per
+# marker, so the restarted actor proceeds. Unset in production.
+FAULT_MARKER_ENV = "FLASHPORTRAIT_INJECT_DEVICE_ERROR_ONCE"
+
+
+def _injected_device_fault(step_index: int) -> None:
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if marker and step_index >= 1:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test)")
+
+
 @dataclass(frozen=True)
 class StepResult:
     latents: dict[int, np.ndarray]  # window index → stepped latents
@@ -89,6 +106,7 @@ class WindowWorker:
         denoiser, grid = self._job(job_key, inputs, windows)
         calls_before = denoiser.transformer_calls
         try:
+            _injected_device_fault(step_index)
             stepped = step_windows(denoiser, runtime.tensors_from_numpy(window_latents), grid, step_index)
         except RuntimeError as exc:
             if runtime.is_fatal_device_error(exc):

@@ -67,3 +67,27 @@ def test_worker_that_cannot_restart_makes_the_backend_unavailable(ray_cluster):
             backend(request(), progress=kill)
     finally:
         pool.close()
+
+
+def test_broken_but_alive_worker_exits_and_is_replaced(ray_cluster, tmp_path):
+    """A CUDA-style error leaves the worker alive but its device unusable: it must exit so Ray replaces it, and the
+    retried step on the fresh actor gives the same bits."""
+    from flashportrait.actors.worker import FAULT_MARKER_ENV
+
+    marker = tmp_path / "device-error-injected"
+    clean_pool = WorkerPool(WorkerPoolSettings(workers=1, torch_threads=1))
+    try:
+        clean = RayDenoiseBackend(clean_pool)(request())
+    finally:
+        clean_pool.close()
+    pool = WorkerPool(WorkerPoolSettings(workers=1, torch_threads=1, env_vars=((FAULT_MARKER_ENV, str(marker)),)))
+    try:
+        before = pool.infos[0].pid
+        faulty = RayDenoiseBackend(pool)(request())
+        import ray
+
+        after = ray.get(pool.actors[0].info.remote(), timeout=120).pid
+    finally:
+        pool.close()
+    assert marker.exists() and after != before  # the error happened and the actor process was replaced
+    assert np.array_equal(faulty.frames, clean.frames)
