@@ -40,9 +40,9 @@ EXIT_STOPPED = 128 + signal.SIGTERM  # the shell convention for "terminated by S
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
-    """Turn SIGTERM (a Prefect cancellation or an orchestrator's stop) into an exception in the main thread, so the
-    in-flight upload is aborted by its context manager and the report is still written."""
-    raise render_module.RunCancelled(f"received signal {signum}")
+    """SIGTERM (a Prefect cancellation or an orchestrator's stop) asks the run to stop at its next safe point: the
+    in-flight encode or upload is aborted, the report still written, and the command exits 143."""
+    render_module.request_stop(signum, frame)
 
 
 def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
@@ -361,6 +361,8 @@ def _run_render(args: argparse.Namespace) -> int:
     with render_module.open_backend(settings) as backend:
         try:
             result = render_module.render_job(job, JobOutputs(args.out, sidecar), backend, settings)
+        except render_module.RunCancelled:
+            raise
         except Exception as exc:  # the job failed (bad media, storage error): not a usage error
             print(f"flashportrait: render failed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
             return EXIT_ROWS_FAILED

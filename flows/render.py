@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -245,6 +247,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             audio_offset=1.0 / fps,
         ) as encoder:
             for chunk in result.chunks:
+                check_stop()  # a stop request aborts the encode; nothing is published
                 for frame in chunk:
                     encoder.write(frame)
         outcome = RenderResult(
@@ -359,6 +362,7 @@ def _job_progress(job_id: str, deadline: float, timeout_s: float) -> Callable[[i
     def progress(done: int, total: int) -> None:
         if sink is not None:
             sink(job_id, done, total)
+        check_stop()
         if done < total and time.monotonic() > deadline:
             raise RowTimeout(
                 f"exceeded row_timeout_s ({timeout_s:g} s) after step {done} of {total}; lower the steps or the "
@@ -427,7 +431,36 @@ def open_backend(settings: RenderSettings) -> Iterator[Backend]:
 
 # Prefect --------------------------------------------------------------------------------------------------------
 class RunCancelled(Exception):
-    """Raised in the flow's thread when the process is asked to stop (SIGTERM, Prefect cancellation)."""
+    """Raised at a safe point (between rows, after a denoising step, between encoded chunks) once the process was
+    asked to stop (SIGTERM, Prefect cancellation)."""
+
+
+# Set by request_stop (the SIGTERM handler). A handler that raised at an arbitrary point could land inside a
+# logging lock or a finaliser, where Python swallows it ("Exception ignored in …") and the run goes on; a flag checked
+# at safe points always stops the run, and an upload in flight is aborted by its context manager.
+_stop_requested = threading.Event()
+
+
+def request_stop(signum: int | None = None, frame: object = None) -> None:
+    _stop_requested.set()
+
+
+def check_stop() -> None:
+    if _stop_requested.is_set():
+        raise RunCancelled("stop requested (SIGTERM or cancellation)")
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Route SIGTERM to ``request_stop`` for the block (Prefect's own handler raises at arbitrary points)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @task(name="read-manifest", cache_policy=NO_CACHE)
@@ -536,6 +569,7 @@ def _render_rows(jobs: list[Job], output_prefix: str, settings: RenderSettings, 
     try:
         with open_backend(settings) as backend:
             while remaining:
+                check_stop()
                 results.append(render_job_task(remaining[0], output_prefix, backend, settings))
                 remaining.pop(0)
     except BackendUnavailable as exc:
@@ -585,7 +619,8 @@ def render_manifest(
     results = [RenderResult.failed(f) for f in failures]
     try:
         if jobs:
-            _render_rows(jobs, output_prefix, settings, results)
+            with stop_on_sigterm():
+                _render_rows(jobs, output_prefix, settings, results)
     finally:
         reported = {r.line for r in results}
         results += [
