@@ -16,7 +16,6 @@ import numpy as np
 import ray
 
 from flashportrait.model.alp import AlpWindowStats
-from flashportrait.model.components import decode_latents
 from flashportrait.model.loading import ModelSource
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline
 from flashportrait.model.presets import ModelPreset
@@ -116,10 +115,6 @@ class WindowWorker:
             raise
         return StepResult({k: v.numpy() for k, v in stepped.items()}, denoiser.transformer_calls - calls_before)
 
-    def transformer_calls(self, job_key: str) -> int:
-        job = self._jobs.get(job_key)
-        return job[0].transformer_calls if job else 0
-
     def alp_window_stats(self, job_key: str) -> list[AlpWindowStats]:
         """ALP's per-window statistics for the windows this worker advanced (empty without ALP)."""
         job = self._jobs.get(job_key)
@@ -134,11 +129,6 @@ class WindowWorker:
         yield from iter_decode_latents(
             self.pipeline.components, runtime.tensor_from_numpy(latents), chunk_latent_frames=chunk_latent_frames
         )
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        from flashportrait.model import runtime
-
-        return decode_latents(self.pipeline.components, runtime.tensor_from_numpy(latents))
 
     def release(self, job_key: str) -> bool:
         job = self._jobs.pop(job_key, None)
