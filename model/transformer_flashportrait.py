@@ -6,7 +6,8 @@ Reads like the paper, top to bottom:
 2. the Normalized Facial Expression Block (NFEB) — that output is re-normalised to the scalar mean and unbiased std
    of the (text + image) cross-attention output of the same block, over every token and channel of the window;
 3. the cross-attention processor that adds ``ip_scale`` × the normalised branch before the shared output projection;
-4. the model: diffusers' ``WanTransformer3DModel`` with ``emo_k_proj`` / ``emo_v_proj`` in every block's ``attn2``;
+4. the model: diffusers' ``WanTransformer3DModel`` with ``emo_k_proj`` / ``emo_v_proj`` in every block's ``attn2``,
+   whose checkpoint function binds each call's expression inputs to its blocks for backward's recomputation;
 5. feature sites for Adaptive Latent Prediction (``model/alp.py``): diffusers ``ModelHook``s on the blocks (or on
    their attn1/attn2/FFN modules) that record residual features on full calls and substitute forecasts on predicted
    calls, so the cheap live path (patch embedding, time/text/image embeddings, gates, ``norm_out``/``proj_out``)
@@ -19,10 +20,13 @@ State-dict keys are diffusers' names plus ``blocks.{i}.attn2.emo_{k,v}_proj.weig
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.utils.checkpoint
 from diffusers.configuration_utils import register_to_config
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -87,25 +91,44 @@ def normalize_to_reference(expression: torch.Tensor, reference: torch.Tensor, ep
 
 
 # 3. Cross-attention processor -------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class ExpressionInputs:
-    """What one forward call hands the processors: the window's grouped expression tokens and the branch gain."""
+    """What one forward call hands the processors: the window's grouped expression tokens and the branch gain.
+
+    Immutable, one per call: a checkpointed block keeps a reference to its call's instance and recomputes with it
+    in backward, whatever calls ran since.
+    """
 
     tokens: torch.Tensor | None = None  # [B, F, G, C_expr]
     ip_scale: float = 1.0
 
 
-class FlashPortraitCrossAttnProcessor:
-    """Wan I2V cross-attention (text + image) plus the NFEB-normalised per-frame expression branch.
+class ExpressionSlot:
+    """The ``ExpressionInputs`` bound while blocks run. The model owns one and every block's processor reads it, so
+    diffusers' block and model ``forward`` stay untouched (they have no argument that could carry the tokens)."""
 
-    The model owns one ``ExpressionInputs`` and sets it around each forward; every block's processor reads it, so
-    diffusers' block and model ``forward`` stay untouched.
-    """
+    def __init__(self) -> None:
+        self.current = ExpressionInputs()
+
+    @contextmanager
+    def bound(self, inputs: ExpressionInputs) -> Iterator[None]:
+        """Bind ``inputs`` for the enclosed block calls and restore what was bound before (calls may nest, e.g. a
+        checkpointed block recomputed by a backward that runs inside another forward)."""
+        previous, self.current = self.current, inputs
+        try:
+            yield
+        finally:
+            self.current = previous
+
+
+class FlashPortraitCrossAttnProcessor:
+    """Wan I2V cross-attention (text + image) plus the NFEB-normalised per-frame expression branch, reading the
+    expression inputs bound in the model's ``ExpressionSlot``."""
 
     _attention_backend = None
 
-    def __init__(self, inputs: ExpressionInputs, text_len: int):
-        self.inputs = inputs
+    def __init__(self, slot: ExpressionSlot, text_len: int):
+        self.slot = slot
         self.text_len = text_len
 
     def __call__(
@@ -137,7 +160,7 @@ class FlashPortraitCrossAttnProcessor:
             main = main + image.flatten(2, 3).type_as(query)
 
         # 3b. Expression branch, normalised to X, added with ip_scale before the output projection.
-        tokens, ip_scale = self.inputs.tokens, self.inputs.ip_scale
+        tokens, ip_scale = self.slot.current.tokens, self.slot.current.ip_scale
         out = main
         if tokens is not None and ip_scale != 0.0:
             tokens = tokens.to(dtype=attn.emo_k_proj.weight.dtype)
@@ -202,7 +225,7 @@ class FlashPortraitTransformer(WanTransformer3DModel):
             pos_embed_seq_len=pos_embed_seq_len,
         )
         inner_dim = self.config.num_attention_heads * self.config.attention_head_dim
-        self._expression_inputs = ExpressionInputs()
+        self._expression_slot = ExpressionSlot()
         self._feature_call = _FeatureCall()
         for block in self.blocks:
             attn = block.attn2
@@ -211,7 +234,20 @@ class FlashPortraitTransformer(WanTransformer3DModel):
             attn.emo_v_proj = nn.Linear(expression_dim, inner_dim, bias=False)
             nn.init.zeros_(attn.emo_k_proj.weight)
             nn.init.zeros_(attn.emo_v_proj.weight)
-            attn.set_processor(FlashPortraitCrossAttnProcessor(self._expression_inputs, text_len))
+            attn.set_processor(FlashPortraitCrossAttnProcessor(self._expression_slot, text_len))
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = torch.utils.checkpoint.checkpoint
+    ) -> None:
+        """diffusers' single switch for checkpointing (``enable_`` and ``disable_gradient_checkpointing`` call it):
+        install the caller's checkpoint function wrapped so that recomputation sees the expression inputs.
+
+        In backward, a checkpointed block reruns after ``forward`` has returned and unbound its call's
+        ``ExpressionInputs``; without the wrapper it would recompute without the expression branch (a different
+        saved-tensor count, or silently wrong gradients).
+        """
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func)
+        self._gradient_checkpointing_func = _ExpressionCheckpoint(self._expression_slot, gradient_checkpointing_func)
 
     def forward(  # type: ignore[override]
         self,
@@ -238,21 +274,25 @@ class FlashPortraitTransformer(WanTransformer3DModel):
             )
         if feature_cache is not None and self._feature_call.layout is None:
             raise ValueError("a feature_cache needs feature sites: call enable_feature_sites(granularity) first")
-        self._expression_inputs.tokens = expression_tokens
-        self._expression_inputs.ip_scale = float(ip_scale)
+        if feature_cache is not None and torch.is_grad_enabled() and self.gradient_checkpointing:
+            # Checkpointed blocks rerun in backward: a recording call would record twice, a predicted call would
+            # recompute the blocks it skipped.
+            raise ValueError(
+                "a feature_cache is for inference: call the transformer under torch.no_grad() (ALP's sampler does) "
+                "or disable gradient checkpointing"
+            )
         self._feature_call.cache = feature_cache
         try:
-            return super().forward(
-                hidden_states,
-                timestep,
-                encoder_hidden_states,
-                encoder_hidden_states_image,
-                return_dict=return_dict,
-                attention_kwargs=attention_kwargs,
-            )
+            with self._expression_slot.bound(ExpressionInputs(expression_tokens, float(ip_scale))):
+                return super().forward(
+                    hidden_states,
+                    timestep,
+                    encoder_hidden_states,
+                    encoder_hidden_states_image,
+                    return_dict=return_dict,
+                    attention_kwargs=attention_kwargs,
+                )
         finally:
-            self._expression_inputs.tokens = None
-            self._expression_inputs.ip_scale = 1.0
             self._feature_call.cache = None
             self._feature_call.group_inputs.clear()
 
@@ -278,6 +318,35 @@ class FlashPortraitTransformer(WanTransformer3DModel):
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, _FEATURE_HOOK)
         self._feature_call.layout = layout
         return layout
+
+
+class _ExpressionCheckpoint:
+    """The model's ``_gradient_checkpointing_func``: diffusers calls it as ``(block, hidden_states,
+    encoder_hidden_states, temb, rotary_emb)`` once per block in the forward. It takes the expression inputs bound
+    now, for this call, and checkpoints a ``_ExpressionBlock`` instead of the bare block, with the tokens as an
+    extra checkpoint input — so the recomputation in backward rebinds exactly them (and, as an input, the tokens
+    get their gradient under reentrant checkpointing too)."""
+
+    def __init__(self, slot: ExpressionSlot, checkpoint: Callable):
+        self.slot = slot
+        self.checkpoint = checkpoint
+
+    def __call__(self, block: nn.Module, *block_args):
+        inputs = self.slot.current
+        return self.checkpoint(_ExpressionBlock(block, self.slot, inputs.ip_scale), *block_args, inputs.tokens)
+
+
+class _ExpressionBlock:
+    """A block bound to one call's ``ip_scale``; called as ``(*block_args, tokens)`` by the checkpoint function,
+    in the forward and again in backward's recomputation."""
+
+    def __init__(self, block: nn.Module, slot: ExpressionSlot, ip_scale: float):
+        self.block, self.slot, self.ip_scale = block, slot, ip_scale
+
+    def __call__(self, *args):
+        *block_args, tokens = args
+        with self.slot.bound(ExpressionInputs(tokens, self.ip_scale)):
+            return self.block(*block_args)
 
 
 # 5. Feature sites for Adaptive Latent Prediction ------------------------------------------------------------------
