@@ -1,5 +1,10 @@
 """Connect to a Ray cluster, or start a local one: the only place this project calls ``ray.init``.
 
+Without an address (no ``--ray-address``, no ``RAY_ADDRESS``) a **private** local cluster is started with
+``ray.init(address="local")``: a plain ``ray.init()`` first looks for the last cluster ``ray start`` left in Ray's
+temp folder (``ray_current_cluster``), and a head killed without ``ray stop`` leaves that file behind, so the run
+tried to join a dead cluster ("When connecting to an existing cluster, object_store_memory must not be provided").
+
 Ray ≥ 2.59 turns token authentication on for clusters started by ``ray.init()`` unless ``RAY_AUTH_MODE`` says
 otherwise, and a node or driver whose auth mode differs from the head's fails to join after a long timeout. So a
 local cluster started here exports one explicit mode (``disabled`` on loopback unless the user set one) before
@@ -46,6 +51,7 @@ def connect(settings: RayClusterSettings) -> ClusterInfo:
         if address is None:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(
+                address="local",  # never the cluster a stale ray_current_cluster file names
                 num_cpus=settings.num_cpus,
                 num_gpus=settings.num_gpus,
                 object_store_memory=settings.object_store_memory,
@@ -72,7 +78,8 @@ def connect(settings: RayClusterSettings) -> ClusterInfo:
         gpus=float(resources.get("GPU", 0.0)),
         nodes=len([n for n in ray.nodes() if n.get("Alive")]),
     )
-    logger.info("Ray cluster %s: %d node(s), %.0f CPU, %.0f GPU", info.address, info.nodes, info.cpus, info.gpus)
+    how = "started a private local cluster" if info.started_here else f"joined the cluster at {address}"
+    logger.info("Ray: %s (%s): %d node(s), %.0f CPU, %.0f GPU", how, info.address, info.nodes, info.cpus, info.gpus)
     return info
 
 
