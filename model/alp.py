@@ -2,7 +2,7 @@
 
 FlashPortrait's headline acceleration (arXiv 2512.16900: "utilizes higher-order latent derivatives at the current
 timestep to directly predict latents at future timesteps"); the official code never released it. What we ship, and
-why, is in ``shared/reference/alp.md`` ("Decisions"):
+why (each choice measured by ``bench/alp.py``; the README's ALP section has the figures):
 
 1. What is forecast: residual features of the transformer on the live input path (``transformer_flashportrait``
    section 5). On a predicted step the cheap parts still run at the current x and t; the block stack is replaced by
