@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import boto3
 import pytest
+from waiting import CEILING_S, wait_for
 
 from flashportrait.flows.manifest import Job
 from flashportrait.flows.publishing import JobOutputs, PublishConflict, job_hash, publish_outputs
@@ -103,10 +104,7 @@ def test_killed_batch_resumes_only_the_rest(s3_bucket, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not storage.exists(f"{out}/job-0.json"):
-            time.sleep(0.2)
-        assert storage.exists(f"{out}/job-0.json"), "the batch published nothing within 120 s"
+        wait_for(lambda: storage.exists(f"{out}/job-0.json"), "first published job", proc, poll_s=0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -116,7 +114,7 @@ def test_killed_batch_resumes_only_the_rest(s3_bucket, tmp_path):
 
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=int(CEILING_S)):
         resumed = render_manifest(manifest, out, workers=0, steps=2)
     statuses = {r["id"]: r["status"] for r in resumed.results}
     assert {k for k, v in statuses.items() if v == "skipped"} == {k[4:-5] for k in done_before}

@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from waiting import CEILING_S, wait_for
 
 
 pytestmark = pytest.mark.slow
@@ -48,10 +48,7 @@ def test_sigterm_stops_the_batch_writes_the_report_and_resume_does_the_rest(tmp_
         "--quiet",
     ]
     proc = subprocess.Popen(cmd, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "job-0.json").exists():
-        time.sleep(0.1)
-    assert (out / "job-0.json").exists(), "nothing was published within 120 s"
+    wait_for((out / "job-0.json").exists, "first published job", proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=30)  # the grace period a Prefect worker or orchestrator gives
     assert proc.returncode == 143, stderr[-2000:]
@@ -65,7 +62,7 @@ def test_sigterm_stops_the_batch_writes_the_report_and_resume_does_the_rest(tmp_
     assert not any(name.startswith(".") or name.endswith(".part") for name in files)  # no temp file left
     assert not any(f"{i}.json" in files for i in report if report[i] == "cancelled")
 
-    resumed = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=CEILING_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = {
         r["id"]: r["status"] for r in pq.read_table(io.BytesIO((out / "report.parquet").read_bytes())).to_pylist()

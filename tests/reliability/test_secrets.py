@@ -13,6 +13,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from waiting import CEILING_S
 
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,7 @@ def test_canaries_never_leak(s3_bucket, tmp_path, ray_tmp):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=CEILING_S,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]  # two rows fail, one renders
     assert "[      done] ok" in proc.stdout
