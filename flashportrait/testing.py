@@ -70,6 +70,31 @@ class SyntheticExpression:
     blink: np.ndarray
     roll_deg: np.ndarray
     yaw_deg: np.ndarray
+    # Curves only the training data generator draws (None = 0 on every frame): brow raise in [-1, 1] (1 = brows up
+    # by BROW_MAX_RAISE_IOD), smile in [-1, 1] (1 = mouth corners out and up, -1 = pursed), pitch in degrees
+    # (positive = the face tilts up), and a head translation in interocular distances (right / down positive).
+    brow: np.ndarray | None = None
+    smile: np.ndarray | None = None
+    pitch_deg: np.ndarray | None = None
+    shift_x: np.ndarray | None = None
+    shift_y: np.ndarray | None = None
+
+    def frame_parameters(self) -> Iterator[dict[str, float]]:
+        """Per frame, the keyword arguments of :func:`render_warped_frame` (absent curves are 0)."""
+        zeros = np.zeros(len(self.mouth_open))
+        columns = {
+            "mouth_open": self.mouth_open,
+            "blink": self.blink,
+            "roll_deg": self.roll_deg,
+            "yaw_deg": self.yaw_deg,
+            "brow": zeros if self.brow is None else self.brow,
+            "smile": zeros if self.smile is None else self.smile,
+            "pitch_deg": zeros if self.pitch_deg is None else self.pitch_deg,
+            "shift_x": zeros if self.shift_x is None else self.shift_x,
+            "shift_y": zeros if self.shift_y is None else self.shift_y,
+        }
+        for index in range(len(zeros)):
+            yield {name: float(values[index]) for name, values in columns.items()}
 
 
 @lru_cache(maxsize=8)
@@ -252,6 +277,8 @@ _MOUTH_NARROW = 0.1  # mouth corners move inwards by 0.1 × drop
 _JAW = {i: 0.15 + 0.85 * np.cos((i - 8) / 5 * np.pi / 2) ** 2 for i in range(3, 14)}
 _UPPER_TO_LOWER_LID = ((37, 41), (38, 40), (43, 47), (44, 46))
 _BLINK_CLOSURE = 0.95  # blink = 1 leaves 5 % of the lid gap: triangles never fold over
+BROW_MAX_RAISE_IOD = 0.15  # brow = 1 raises the brows by 0.15 IOD
+SMILE_MAX_IOD = 0.12  # smile = 1 pulls each mouth corner 0.12 IOD outwards (and half that upwards)
 _MOUTH_INTERIOR = np.array((35.0, 12.0, 18.0), dtype=np.float32)  # an open mouth's dark interior, RGB
 _INTERIOR_FULL_AT = 0.25  # the interior paint fades in over mouth_open 0 → 0.25 (continuous at 0)
 # Depth (towards the camera) for yaw: a cylinder of radius = half the jaw width, plus the nose's protrusion.
@@ -263,14 +290,30 @@ class FaceShape:
     """A synthetic identity: the astronaut's face reshaped about its vertical midline (the nose bridge).
 
     ``eye_distance`` scales the horizontal distance of each eye (and its brow) from the midline; ``face_width``
-    scales the jaw contour's. 1.0 and 1.0 is the astronaut herself.
+    scales the jaw contour's. The training data's pseudo-identities also use: ``chin_length`` (the lower jaw's
+    distance below the mouth), ``nose_length`` (nose tip and nostrils below the bridge), ``mouth_width`` (the lips
+    about their centre, horizontally), ``eye_size`` (each eye about its centre) and ``brow_height`` (the brows'
+    distance above the eyes). All 1.0 is the astronaut herself.
     """
 
     eye_distance: float = 1.0
     face_width: float = 1.0
+    chin_length: float = 1.0
+    nose_length: float = 1.0
+    mouth_width: float = 1.0
+    eye_size: float = 1.0
+    brow_height: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("eye_distance", "face_width"):
+        for name in (
+            "eye_distance",
+            "face_width",
+            "chin_length",
+            "nose_length",
+            "mouth_width",
+            "eye_size",
+            "brow_height",
+        ):
             value = getattr(self, name)
             if not 0.7 <= value <= 1.3:
                 raise ValueError(f"FaceShape.{name} must be in [0.7, 1.3] (got {value}); larger changes fold the mesh")
@@ -320,12 +363,41 @@ def _reshape(face: FaceShape) -> np.ndarray:
         landmarks[eye, 0] += shift
         landmarks[brow, 0] += shift
     landmarks[0:17, 0] = midline + face.face_width * (landmarks[0:17, 0] - midline)
+    if face.eye_size != 1.0:
+        for eye in (slice(36, 42), slice(42, 48)):
+            centre = landmarks[eye].mean(0)
+            landmarks[eye] = centre + face.eye_size * (landmarks[eye] - centre)
+    if face.brow_height != 1.0:
+        for eye, brow in ((slice(36, 42), slice(17, 22)), (slice(42, 48), slice(22, 27))):
+            eye_row = landmarks[eye, 1].mean()
+            landmarks[brow, 1] = eye_row + face.brow_height * (landmarks[brow, 1] - eye_row)
+    if face.nose_length != 1.0:
+        bridge = landmarks[27, 1]
+        landmarks[28:36, 1] = bridge + face.nose_length * (landmarks[28:36, 1] - bridge)
+    if face.mouth_width != 1.0:
+        centre_x = landmarks[48:68, 0].mean()
+        landmarks[48:68, 0] = centre_x + face.mouth_width * (landmarks[48:68, 0] - centre_x)
+    if face.chin_length != 1.0:
+        mouth_row = landmarks[48:68, 1].mean()
+        lower = [i for i in range(4, 13) if landmarks[i, 1] > mouth_row]
+        landmarks[lower, 1] = mouth_row + face.chin_length * (landmarks[lower, 1] - mouth_row)
     return landmarks
 
 
-def _express(neutral: np.ndarray, mouth_open: float, blink: float) -> np.ndarray:
-    """Landmarks [68, 2] with the mouth opened and the eyes closed by the given amounts."""
+def _express(
+    neutral: np.ndarray, mouth_open: float, blink: float, brow: float = 0.0, smile: float = 0.0
+) -> np.ndarray:
+    """Landmarks [68, 2] with the mouth opened, the eyes closed, the brows raised and the mouth corners pulled."""
     points = neutral.copy()
+    if brow:
+        points[17:27, 1] -= brow * BROW_MAX_RAISE_IOD * ASTRONAUT_IOD
+    if smile:
+        reach = smile * SMILE_MAX_IOD * ASTRONAUT_IOD
+        for corner, outward in ((48, -1.0), (60, -1.0), (54, 1.0), (64, 1.0)):
+            points[corner, 0] += outward * reach
+            points[corner, 1] -= 0.5 * reach
+        for side, outward in ((49, -1.0), (59, -1.0), (53, 1.0), (55, 1.0)):
+            points[side, 0] += 0.5 * outward * reach
     drop = mouth_open * MOUTH_MAX_DROP_IOD * ASTRONAUT_IOD
     for index, weight in _MOUTH_DROP.items():
         points[index, 1] += weight * drop
@@ -338,8 +410,14 @@ def _express(neutral: np.ndarray, mouth_open: float, blink: float) -> np.ndarray
     return points
 
 
-def _turn_head(mesh: np.ndarray, roll_deg: float, yaw_deg: float) -> np.ndarray:
-    """Yaw (3-D rotation of the head points about a vertical axis) then roll (in-plane, about the nose tip)."""
+def _turn_head(
+    mesh: np.ndarray,
+    roll_deg: float,
+    yaw_deg: float,
+    pitch_deg: float = 0.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """Yaw and pitch (3-D rotations of the head points), roll (in-plane, about the nose tip), then a shift."""
     moved = mesh.copy()
     head = moved[:_HEAD_POINTS]
     midline, radius = head[27, 0], (head[16, 0] - head[0, 0]) / 2
@@ -349,12 +427,18 @@ def _turn_head(mesh: np.ndarray, roll_deg: float, yaw_deg: float) -> np.ndarray:
         depth[index] += nose * ASTRONAUT_IOD
     yaw = np.deg2rad(yaw_deg)
     head[:, 0] = midline + offset * np.cos(yaw) + depth * np.sin(yaw)
+    if pitch_deg:
+        # Tilting up moves points in front of the pivot (the nose) upwards: y' = c + (y − c) cos − depth sin.
+        pitch, centre_y = np.deg2rad(pitch_deg), head[30, 1]
+        head[:, 1] = centre_y + (head[:, 1] - centre_y) * np.cos(pitch) - depth * np.sin(pitch)
     roll = np.deg2rad(roll_deg)
     pivot = head[30].copy()
     dx, dy = head[:, 0] - pivot[0], head[:, 1] - pivot[1]
     # Counter-clockwise on screen with y pointing down: x' = x cos + y sin, y' = -x sin + y cos.
     head[:, 0] = pivot[0] + dx * np.cos(roll) + dy * np.sin(roll)
     head[:, 1] = pivot[1] - dx * np.sin(roll) + dy * np.cos(roll)
+    if shift != (0.0, 0.0):
+        head += np.asarray(shift) * ASTRONAUT_IOD
     return moved
 
 
@@ -421,6 +505,11 @@ def render_warped_frame(
     *,
     size: int | tuple[int, int] = 256,
     face: FaceShape = ASTRONAUT,
+    brow: float = 0.0,
+    smile: float = 0.0,
+    pitch_deg: float = 0.0,
+    shift_x: float = 0.0,
+    shift_y: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One warped frame and where its 68 landmarks are: ([H, W, 3] uint8 RGB, [68, 2] (x, y) in frame pixels).
 
@@ -435,7 +524,8 @@ def render_warped_frame(
     left, top, box_w, box_h = framing_box(width, height)
     scale = np.array([width / box_w, height / box_h])
     neutral = _reshape(face)
-    moved = _turn_head(_mesh_points(_express(neutral, mouth_open, blink)), roll_deg, yaw_deg)
+    expressed = _express(neutral, mouth_open, blink, brow, smile)
+    moved = _turn_head(_mesh_points(expressed), roll_deg, yaw_deg, pitch_deg, (shift_x, shift_y))
     # Source pixel centre x ↔ frame pixel centre u: u + 0.5 = (x + 0.5 - left) × scale.
     to_frame = (moved + 0.5 - np.array([left, top])) * scale - 0.5
     map_x, map_y = _piecewise_affine(to_frame, _mesh_points(ASTRONAUT_LANDMARKS), (height, width))
@@ -455,8 +545,8 @@ def iter_warped_frames(
     truth: SyntheticExpression, size: int | tuple[int, int] = 256, *, face: FaceShape = ASTRONAUT
 ) -> Iterator[np.ndarray]:
     """The frames of ``truth`` one at a time (any length without holding the video): [H, W, 3] uint8 RGB each."""
-    for mouth, blink, roll, yaw in zip(truth.mouth_open, truth.blink, truth.roll_deg, truth.yaw_deg):
-        yield render_warped_frame(mouth, blink, roll, yaw, size=size, face=face)[0]
+    for parameters in truth.frame_parameters():
+        yield render_warped_frame(**parameters, size=size, face=face)[0]
 
 
 def warped_driving_frames(

@@ -26,7 +26,8 @@ from flashportrait.infra.preflight import check_credentials, check_run, instance
 from flashportrait.infra.redact import redact
 from flashportrait.model.alp import ALP_PRESETS
 from flashportrait.model.expression import available_extractors
-from flashportrait.model.presets import PRESETS
+from flashportrait.model.presets import DEFAULT_PRESET, PRESETS
+from flashportrait.model.training import STAGES as TRAIN_STAGES
 
 from . import deployments
 from . import render as render_module
@@ -48,9 +49,9 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
     parser.add_argument(
         "--preset",
-        default="tiny",
+        default=DEFAULT_PRESET,
         choices=sorted(PRESETS),
-        help="model preset (default: tiny — random weights, renders noise; see README)",
+        help=f"model preset (default: {DEFAULT_PRESET}, the CPU-trained demo model; tiny = random weights for tests)",
     )
     parser.add_argument(
         "--workers",
@@ -191,7 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--out", required=True, help="output prefix URL")
     _common(many, default_workers=2)
     _add_deployment_commands(sub)
+    _add_train_command(sub)
     return parser
+
+
+def _add_train_command(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser(
+        "train",
+        help="train a model preset from a recipe (the demo model: model/training/demo.toml)",
+        description="Run a training recipe's stages in order (data, vae, dit, export, evaluate). Every stage "
+        "resumes: finished clips and checkpoints are kept, so re-running the same command continues where it stopped.",
+    )
+    train.add_argument("config", help="training recipe (TOML), e.g. model/training/demo.toml")
+    train.add_argument(
+        "--stage",
+        action="append",
+        choices=TRAIN_STAGES,
+        help="run only this stage (repeatable; default: all, in order)",
+    )
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop each training stage at step N (resume later with the same command)",
+    )
+    train.add_argument("--out", default=None, help="override the recipe's output folder")
 
 
 def _deployment_options(parser: argparse.ArgumentParser) -> None:
@@ -456,12 +482,31 @@ def _run_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from flashportrait.model.training.recipe import load_config, run_stages
+
+    logging.getLogger("flashportrait.model.training").setLevel(logging.INFO)
+    config = load_config(args.config)
+    if args.out:
+        config = dataclasses.replace(config, out=args.out)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1 (got {args.max_steps})")
+    stages = tuple(s for s in TRAIN_STAGES if s in (args.stage or TRAIN_STAGES))
+    summary = run_stages(config, stages, max_steps=args.max_steps)
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "render": _run_render,
     "batch": _run_batch,
     "deploy": _run_deploy,
     "serve": _run_serve,
     "watch": _run_watch,
+    "train": _run_train,
 }
 
 

@@ -42,7 +42,7 @@ from flashportrait.model.expression import get_extractor
 from flashportrait.model.expression.landmark import detect_face_box
 from flashportrait.model.loading import ModelSource, resolve_local
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, StreamingResult
-from flashportrait.model.presets import get_preset
+from flashportrait.model.presets import DEFAULT_PRESET, get_preset
 
 from .manifest import Job, JobFailure, ManifestError, check_manifest_shape, parse_jobs
 from .publishing import Existing, JobOutputs, PublishConflict, check_existing, job_hash, publish_outputs
@@ -62,7 +62,7 @@ progress_sink: ProgressSink | None = None
 class RenderSettings(BaseModel):
     """How to render; the same for every job of a run (a row may override steps, size, fps, seed, prompt)."""
 
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     extractor: str = "landmark"
     workers: int = 2  # 0 = in-process single-device pipeline, no Ray
     ray_address: str | None = None
@@ -144,6 +144,10 @@ class RenderResult:
     alp_block_equivalents: float = 0.0
     alp_state_bytes_peak: float = 0.0
     seconds_transformer: float = 0.0
+    # Which model made the output: preset name and version, and the SHA-256 of every weights file it loaded.
+    model_preset: str = ""
+    model_version: str = ""
+    weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -266,6 +270,9 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             seconds_orchestration=result.stats.seconds_orchestration,
             transformer_calls=result.stats.transformer_calls,
             windows=result.stats.windows,
+            model_preset=backend.preset.name,
+            model_version=backend.preset.version,
+            weights_sha256=" ".join(f"{name}={digest}" for name, digest in sorted(backend.weights_sha256.items())),
             extra={
                 "reference_crop_box": list(reference.crop_box),
                 "reference_face_box": list(face_box) if face_box else None,
@@ -588,7 +595,7 @@ def _render_rows(jobs: list[Job], output_prefix: str, settings: RenderSettings, 
 def render_manifest(
     manifest_url: str,
     output_prefix: str,
-    preset: str = "tiny",
+    preset: str = DEFAULT_PRESET,
     workers: int = 2,
     ray_address: str | None = None,
     extractor: str = "landmark",

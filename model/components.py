@@ -9,6 +9,8 @@ the single-device pipeline produce the same video.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +149,71 @@ def build_components(preset: ModelPreset) -> FlashPortraitComponents:
     components = FlashPortraitComponents(
         preset, transformer, vae, text_encoder, ByteTokenizer(), image_encoder, portrait_encoder
     )
+    if preset.weights is not None:
+        load_preset_weights(components)
     for module in (transformer, vae, text_encoder, image_encoder, portrait_encoder):
         module.eval().requires_grad_(False)
     return components
+
+
+def preset_weights_file(preset: ModelPreset) -> Path:
+    """The preset's shipped weights: a path relative to this package (model/weights/ in a checkout)."""
+    if preset.weights is None:
+        raise ValueError(f"preset {preset.name!r} ships no weights file")
+    return Path(__file__).resolve().parent / preset.weights
+
+
+def load_preset_weights(components: FlashPortraitComponents) -> None:
+    """Load the preset's trained transformer, portrait encoder and VAE (and the VAE's latent statistics) over the
+    seeded initialisation, after checking the file's SHA-256 against the preset.
+
+    Raises:
+        FileNotFoundError: if the weights file is missing (the training recipe writes it).
+        ValueError: if its digest or its keys do not match the preset.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    preset = components.preset
+    path = preset_weights_file(preset)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"preset {preset.name!r} needs its weights file {path}; it ships with the package — reinstall, or "
+            "make it with `flashportrait train model/training/demo.toml`"
+        )
+    digest = sha256_file(path)
+    if preset.weights_sha256 is not None and digest != preset.weights_sha256:
+        raise ValueError(
+            f"{path} has SHA-256 {digest}, preset {preset.name!r} expects {preset.weights_sha256}: the file is "
+            "damaged or from another training run; restore it from the repository (or update the preset after "
+            "retraining)"
+        )
+    tensors = load_file(str(path))
+    for prefix, module in (
+        ("transformer.", components.transformer),
+        ("portrait_encoder.", components.portrait_encoder),
+        ("vae.", components.vae),
+    ):
+        state = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit preset {preset.name!r}'s {prefix[:-1]}: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}; the file was trained for another architecture"
+            )
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+    components.vae.register_to_config(
+        latents_mean=json.loads(metadata["latents_mean"]), latents_std=json.loads(metadata["latents_std"])
+    )
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # Encoders -------------------------------------------------------------------------------------------------------

@@ -44,8 +44,14 @@ from .checkpoints import (
     wan_t5_names,
     wan_vae_names,
 )
-from .components import FlashPortraitComponents, UMT5Tokenizer, build_components
-from .presets import FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST, ModelPreset, get_preset
+from .components import (
+    FlashPortraitComponents,
+    UMT5Tokenizer,
+    build_components,
+    preset_weights_file,
+    sha256_file,
+)
+from .presets import DEFAULT_PRESET, FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST, ModelPreset, get_preset
 
 
 logger = logging.getLogger(__name__)
@@ -318,7 +324,7 @@ class ModelSource:
     Small and picklable: the coordinator hands it to every Ray worker, which builds its own copy on its device.
     """
 
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     base: str | None = None  # Wan2.1-I2V-14B-720P folder/URL (diffusers or original layout)
     flashportrait: str | None = None  # folder/URL with transformer.pt, portrait_encoder.pt, …
     dtype: str = "bfloat16"
@@ -358,18 +364,13 @@ def weights_digest(source: ModelSource, cache_dir: str | Path | None = None) -> 
     frozen definition (its weights are a pure function of it)."""
     if not source.released:
         preset = get_preset(source.preset)
-        return {f"preset:{preset.name}": hashlib.sha256(repr(preset).encode()).hexdigest()}
+        digests = {f"preset:{preset.name}": hashlib.sha256(repr(preset).encode()).hexdigest()}
+        if preset.weights is not None:
+            digests[preset.weights] = sha256_file(preset_weights_file(preset))
+        return digests
     digests: dict[str, str] = {}
     for root in (resolve_local(source.flashportrait, cache_dir), resolve_local(source.base, cache_dir)):
         for path in sorted(Path(root).rglob("*")):
             if path.is_file() and path.suffix in (".pt", ".pth", ".safetensors", ".onnx"):
-                digests[str(path.relative_to(root))] = _sha256_file(path)
+                digests[str(path.relative_to(root))] = sha256_file(path)
     return digests
-
-
-def _sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

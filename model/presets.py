@@ -44,6 +44,11 @@ class ModelPreset:
     sampling: SamplingDefaults
     dtype: str = "float32"
     init_seed: int | None = None  # random initialisation seed; None = weights must come from checkpoints
+    # Trained weights shipped with the package (a file under model/weights/, safetensors) and their SHA-256: loaded
+    # over the seeded initialisation of the transformer, portrait encoder and VAE; the text and image encoders stay
+    # the seeded ones (frozen while training, so the trained parts learned to read exactly those).
+    weights: str | None = None
+    weights_sha256: str | None = None
     tokenizer: str = "bytes"  # "bytes" (built in) or a path to the umt5 tokenizer folder
     negative_prompt: str = ""
     notes: str = ""
@@ -137,6 +142,64 @@ TINY = ModelPreset(
     notes="Randomly initialised from a fixed seed: renders structured noise, not a portrait.",
 )
 
+# The demo model: trained here, on CPU, by `flashportrait train training/demo.toml` (model/training/) on synthetic
+# pseudo-identities; the embedded default of `make demo` and `flashportrait render`. 96×96 at 12 fps.
+DEMO = ModelPreset(
+    name="demo",
+    version="demo-v1",
+    transformer=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=36,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=64,
+        ffn_dim=384,
+        num_layers=8,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=16,
+        added_kv_proj_dim=128,  # heads × head dim: the image keys/values share the attention's width
+        rope_max_seq_len=1024,
+        expression_dim=128,
+        text_len=32,
+    ),
+    vae=dict(
+        base_dim=16,
+        z_dim=16,
+        dim_mult=[1, 2, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ),
+    text_encoder=TINY.text_encoder,
+    image_encoder=TINY.image_encoder,
+    portrait_encoder=PortraitEncoderConfig(
+        width=128,
+        resampler_dim=64,
+        resampler_depth=1,
+        resampler_heads=2,
+        resampler_head_dim=32,
+        mouth_queries=4,
+        emotion_queries=2,
+        ff_mult=2,
+    ),
+    sampling=SamplingDefaults(
+        num_inference_steps=20,
+        emo_cfg_scale=2.0,
+        context_size=5,
+        context_overlap=2,
+        width=96,
+        height=96,
+        fps=12.0,
+    ),
+    init_seed=20261203,
+    weights="weights/demo-v1.safetensors",
+    weights_sha256="45478051a65379993917a1a3ecebf171050540f46e39c21e1283f74785da901b",
+    notes="Trained on CPU on synthetic pseudo-identities (model/training/): animates a frontal face at 96×96.",
+)
+
 FLASHPORTRAIT_14B = ModelPreset(
     name="flashportrait-14b",
     version="flashportrait-14b-v1",
@@ -219,7 +282,9 @@ FLASHPORTRAIT_14B_FAST = dataclasses.replace(
     extra={"step_distill_lora": "fast_lora_rank64.safetensors"},
 )
 
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (TINY, FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST)}
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (TINY, DEMO, FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST)}
+# What `make demo`, `flashportrait render/batch` and the deployments use when no preset is named.
+DEFAULT_PRESET = DEMO.name
 
 
 def get_preset(name: str) -> ModelPreset:
