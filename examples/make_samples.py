@@ -2,8 +2,10 @@
 
 The portrait is scikit-image's astronaut (NASA, public domain); the driving clips are landmark-driven warps of it
 with known mouth opening, blinks, head roll and yaw (flashportrait.testing), so no photo of a real person other
-than that public-domain one is ever committed. The talking clip carries a synthetic audio track (a tone whose
-loudness follows the mouth opening) so the demo shows the driving audio muxed into the output.
+than that public-domain one is ever committed. ``reference_heldout.png`` is the first held-out pseudo-identity of
+the demo model's training data (model/training/identities.py): a face the demo model never saw in training.
+The talking clip carries a synthetic audio track (a tone whose loudness follows the mouth opening) so the demo
+shows the driving audio muxed into the output.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from flashportrait.infra.video_io import encode_video
+from flashportrait.model.training.identities import held_out_identities, neutral_portrait
 from flashportrait.testing import astronaut_portrait, warped_driving_frames
 
 
@@ -44,6 +47,7 @@ def write_wav(path: Path, samples: np.ndarray) -> Path:
 
 def main() -> None:
     Image.fromarray(astronaut_portrait(256)).save(HERE / "reference.png")
+    Image.fromarray(neutral_portrait(held_out_identities(1)[0], 256)).save(HERE / "reference_heldout.png")
     clips = {"driving_talk.mp4": (61, 1, True), "driving_short.mp4": (17, 2, False)}  # frames, seed, audio
     for name, (frames, seed, audio) in clips.items():
         video, truth = warped_driving_frames(frames, 192, seed=seed, fps=FPS)
@@ -59,6 +63,13 @@ def main() -> None:
             "seed": 7,
         },
         {"id": "astronaut-short", "reference": "reference.png", "driving": "driving_short.mp4", "seed": 11},
+        {
+            "id": "heldout-talk",
+            "reference": "reference_heldout.png",
+            "driving": "driving_talk.mp4",
+            "prompt": "a person talking",
+            "seed": 5,
+        },
     ]
     (HERE / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     csv_lines = ["id,reference,driving,prompt,seed"] + [

@@ -51,7 +51,7 @@ from .components import (
     preset_weights_file,
     sha256_file,
 )
-from .presets import DEFAULT_PRESET, FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST, ModelPreset, get_preset
+from .presets import FLASHPORTRAIT_14B, FLASHPORTRAIT_14B_FAST, ModelPreset, get_preset
 
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,9 @@ class ModelSource:
     Small and picklable: the coordinator hands it to every Ray worker, which builds its own copy on its device.
     """
 
-    preset: str = DEFAULT_PRESET
+    # The library-level default is the fast random preset (what tests and benches build); the entry points (CLI,
+    # flow, deployments) pass DEFAULT_PRESET explicitly through RenderSettings.
+    preset: str = "tiny"
     base: str | None = None  # Wan2.1-I2V-14B-720P folder/URL (diffusers or original layout)
     flashportrait: str | None = None  # folder/URL with transformer.pt, portrait_encoder.pt, …
     dtype: str = "bfloat16"

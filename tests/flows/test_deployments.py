@@ -99,7 +99,7 @@ def test_deployments_carry_cron_timezone_trigger_and_parameters():
     assert bulk.parameters == {
         "input_prefix": "s3://b/manifests",
         "output_root": "s3://b/out",
-        "preset": "tiny",
+        "preset": render_manifest_defaults["preset"],  # the demo preset
         "alp": "balanced",
         "workers": 4,
         "ray_address": "head:6379",
