@@ -45,7 +45,7 @@ def decode(bucket: str, key: str) -> tuple[int, int, int, float]:
 
 def test_flow_renders_s3_manifest_to_s3(s3_bucket, ray_cluster, prefect_harness):
     manifest = upload_inputs(s3_bucket)
-    summary = render_manifest(manifest, f"s3://{s3_bucket}/out", workers=2, steps=2)
+    summary = render_manifest(manifest, f"s3://{s3_bucket}/out", workers=2, steps=2, preset="tiny")
     assert (summary.done, summary.failed) == (2, 2)
 
     # The MP4s decode with an independent reader: 61 driving frames (4·15+1) → 60 output frames; 17 → 16.
