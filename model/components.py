@@ -171,9 +171,6 @@ def load_preset_weights(components: FlashPortraitComponents) -> None:
         FileNotFoundError: if the weights file is missing (the training recipe writes it).
         ValueError: if its digest or its keys do not match the preset.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     preset = components.preset
     path = preset_weights_file(preset)
     if not path.is_file():
@@ -181,12 +178,25 @@ def load_preset_weights(components: FlashPortraitComponents) -> None:
             f"preset {preset.name!r} needs its weights file {path}; it ships with the package — reinstall, or "
             "make it with `flashportrait train model/training/demo.toml`"
         )
+    load_weights_file(components, path, preset.weights_sha256)
+
+
+def load_weights_file(components: FlashPortraitComponents, path: Path, expected_sha256: str | None) -> dict[str, str]:
+    """Load an exported weights file (``transformer.*``, ``portrait_encoder.*``, ``vae.*`` and the VAE's latent
+    statistics in the metadata) into ``components``; the file's digest is checked first when one is expected.
+    Returns the file's metadata (steps, version).
+
+    Raises:
+        ValueError: if its digest or its keys do not match.
+    """
+    from safetensors.torch import load_file
+
+    preset = components.preset
     digest = sha256_file(path)
-    if preset.weights_sha256 is not None and digest != preset.weights_sha256:
+    if expected_sha256 is not None and digest != expected_sha256:
         raise ValueError(
-            f"{path} has SHA-256 {digest}, preset {preset.name!r} expects {preset.weights_sha256}: the file is "
-            "damaged or from another training run; restore it from the repository (or update the preset after "
-            "retraining)"
+            f"{path} has SHA-256 {digest}, {preset.name!r} expects {expected_sha256}: the file is damaged or from "
+            "another training run; restore it from the repository (or update the expected digest after retraining)"
         )
     tensors = load_file(str(path))
     for prefix, module in (
@@ -201,11 +211,19 @@ def load_preset_weights(components: FlashPortraitComponents) -> None:
                 f"{path} does not fit preset {preset.name!r}'s {prefix[:-1]}: missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}; the file was trained for another architecture"
             )
-    with safe_open(str(path), "pt") as file:
-        metadata = file.metadata()
+    metadata = safetensors_metadata(path)
     components.vae.register_to_config(
         latents_mean=json.loads(metadata["latents_mean"]), latents_std=json.loads(metadata["latents_std"])
     )
+    return metadata
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's string metadata (read from its header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return dict(file.metadata() or {})
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:

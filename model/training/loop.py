@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..components import safetensors_metadata
 
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 3e-2
     warmup_steps: int = 100
+    lr_final: float | None = None  # None: constant after warm-up (official); else cosine decay to it at `steps`
     clip_grad: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 250
@@ -50,12 +54,19 @@ class OptimConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (got {self.ema_decay}); 0.999 is usual")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1 (got {self.checkpoint_every})")
+        if self.lr_final is not None and not 0 <= self.lr_final <= self.lr:
+            raise ValueError(f"lr_final must be in [0, lr={self.lr}] (got {self.lr_final})")
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up from lr/100 over ``warmup_steps``, then constant (the official constant_with_warmup)."""
-        if step >= self.warmup_steps:
+        """Linear warm-up from lr/100 over ``warmup_steps``, then constant (the official constant_with_warmup), or
+        with ``lr_final`` a cosine decay to it: a continuation of a trained model ends on small steps, which the
+        EMA alone does not replace."""
+        if step < self.warmup_steps:
+            return self.lr * (0.01 + 0.99 * step / self.warmup_steps)
+        if self.lr_final is None:
             return self.lr
-        return self.lr * (0.01 + 0.99 * step / self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.lr_final + 0.5 * (self.lr - self.lr_final) * (1 + math.cos(math.pi * progress))
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -145,10 +156,7 @@ class TrainingRun:
                         "exp_avg": tensors[f"adam.exp_avg.{name}"].clone(),
                         "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"].clone(),
                     }
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as file:
-            self.step = int(file.metadata()["step"])
+        self.step = int(safetensors_metadata(path)["step"])
         logger.info("%s: resumed from %s (step %d)", self.name, path.name, self.step)
         return True
 

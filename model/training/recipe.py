@@ -31,7 +31,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file, save_file
 
-from ..components import FlashPortraitComponents, build_components, preset_weights_file
+from ..components import (
+    FlashPortraitComponents,
+    build_components,
+    load_weights_file,
+    preset_weights_file,
+    safetensors_metadata,
+)
 from ..presets import ModelPreset, get_preset
 from . import STAGES
 from .data import Clip, DataConfig, build_dataset
@@ -48,10 +54,15 @@ class TrainConfig:
     """Everything one training run needs; read from a TOML file by :func:`load_config`."""
 
     preset: str = "demo"
+    version: str | None = None  # the exported file's version; None = the preset's
     out: str = "out/training"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     threads: int = 0  # torch CPU threads; 0 = torch's default
     weights_out: str | None = None  # where export writes the weights file; None = the preset's file in the package
+    # Continue an earlier export instead of starting from the seeded initialisation: its VAE is reused, frozen (the
+    # vae stage is skipped), and its transformer and portrait encoder start the dit stage. The digest is required.
+    init_from: str | None = None
+    init_sha256: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
     vae_optim: OptimConfig = field(default_factory=OptimConfig)
@@ -61,6 +72,13 @@ class TrainConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out)
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None and not self.init_sha256:
+            raise ValueError(
+                f"init_from = {self.init_from!r} needs init_sha256 (the file's SHA-256), so a recipe "
+                "continues the exact weights it names"
+            )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -157,6 +175,10 @@ def build_vae(config: TrainConfig) -> AutoencoderKLWan:
 
 
 def stage_vae(config: TrainConfig, max_steps: int | None = None) -> dict:
+    if config.init_from:
+        metadata = safetensors_metadata(_init_file(config))
+        logger.info("vae: reusing the VAE of %s (%s steps), frozen", config.init_from, metadata.get("vae_steps"))
+        return {"from": config.init_from, "step": int(metadata.get("vae_steps", 0)), "finished": True}
     folder = config.out_dir / "vae"
     vae = build_vae(config).to(config.torch_device())
     clips = load_clips(config, "train")
@@ -193,8 +215,29 @@ def _ema_weights(folder: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     return {name[len("ema." + prefix) :]: t for name, t in tensors.items() if name.startswith("ema." + prefix)}
 
 
+def _init_file(config: TrainConfig) -> Path:
+    path = Path(config.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"init_from = {config.init_from!r} does not exist; make it with the recipe that exported it (see "
+            "docs/demo-model.md) or restore it from the repository's history"
+        )
+    return path
+
+
+def initial_components(config: TrainConfig) -> FlashPortraitComponents:
+    """The seeded parts, overwritten by ``init_from``'s weights when the recipe continues an earlier export."""
+    components = build_components(config.base_preset())
+    if config.init_from:
+        load_weights_file(components, _init_file(config), config.init_sha256)
+    return components
+
+
 def trained_vae(config: TrainConfig) -> AutoencoderKLWan:
-    """The VAE with the EMA weights of the newest stage-1 checkpoint (and its latent statistics once known)."""
+    """The VAE with the EMA weights of the newest stage-1 checkpoint (and its latent statistics once known), or the
+    one ``init_from`` carries."""
+    if config.init_from:
+        return initial_components(config).vae.eval().requires_grad_(False)
     vae = build_vae(config)
     vae.load_state_dict(_ema_weights(config.out_dir / "vae"))
     stats = config.out_dir / "vae" / "summary.json"
@@ -205,7 +248,11 @@ def trained_vae(config: TrainConfig) -> AutoencoderKLWan:
 
 
 def stage_components(config: TrainConfig) -> FlashPortraitComponents:
-    """The seeded parts, with the trained VAE (frozen) in place: what stage 2 trains on."""
+    """The seeded parts (or ``init_from``'s), with the trained VAE (frozen) in place: what stage 2 trains on."""
+    if config.init_from:
+        components = initial_components(config)
+        components.vae.eval().requires_grad_(False)
+        return components
     if not (config.out_dir / "vae" / "summary.json").exists():
         raise FileNotFoundError(f"the VAE stage has not finished in {config.out_dir / 'vae'}; run it first")
     components = build_components(config.base_preset())
@@ -233,14 +280,11 @@ def stage_dit(config: TrainConfig, max_steps: int | None = None) -> dict:
 def cached_latent_clips(config: TrainConfig, components: FlashPortraitComponents) -> list[LatentClip]:
     """Stage 2's frozen inputs per clip, computed once and cached beside the checkpoints (keyed by the VAE)."""
     path = config.out_dir / "dit" / "latents.safetensors"
-    vae_key = f"{_newest_checkpoint(config.out_dir / 'vae').name} agreement>={config.dit.min_feature_agreement}"
+    vae_source = config.init_sha256 if config.init_from else _newest_checkpoint(config.out_dir / "vae").name
+    vae_key = f"{vae_source} agreement>={config.dit.min_feature_agreement}"
     names = [f.name for f in dataclasses.fields(LatentClip)]
     if path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as file:
-            cached_key = file.metadata().get("vae")
-        if cached_key == vae_key:
+        if safetensors_metadata(path).get("vae") == vae_key:
             tensors = load_file(str(path))
             count = len({k.split(".")[0] for k in tensors})
             return [LatentClip(**{n: tensors[f"{i}.{n}"] for n in names}) for i in range(count)]
@@ -264,31 +308,52 @@ def cached_latent_clips(config: TrainConfig, components: FlashPortraitComponents
 def stage_export(config: TrainConfig, max_steps: int | None = None) -> dict:
     """Write the preset's weights file from the EMA weights, and print the SHA-256 to put in the preset."""
     preset = get_preset(config.preset)
-    vae_summary = json.loads((config.out_dir / "vae" / "summary.json").read_text())
-    tensors = {f"vae.{k}": v for k, v in _ema_weights(config.out_dir / "vae").items()}
+    dit_step = int(safetensors_metadata(_newest_checkpoint(config.out_dir / "dit"))["step"])
+    if config.init_from:
+        earlier = safetensors_metadata(_init_file(config))
+        vae = trained_vae(config)
+        tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+        vae_summary = {
+            "latents_mean": vae.config.latents_mean,
+            "latents_std": vae.config.latents_std,
+            "step": earlier.get("vae_steps", "0"),
+        }
+        dit_total = int(earlier.get("dit_steps", 0)) + dit_step
+        lineage = {"continues": f"{earlier.get('version', '?')} sha256:{config.init_sha256}"}
+    else:
+        vae_summary = json.loads((config.out_dir / "vae" / "summary.json").read_text())
+        tensors = {f"vae.{k}": v for k, v in _ema_weights(config.out_dir / "vae").items()}
+        dit_total, lineage = dit_step, {}
     tensors.update(_ema_weights(config.out_dir / "dit"))  # transformer.* and portrait_encoder.*
-    dit_step = load_file_metadata(_newest_checkpoint(config.out_dir / "dit"))["step"]
     metadata = {
         "preset": preset.name,
-        "version": preset.version,
+        "version": config.version or preset.version,
         "latents_mean": json.dumps(vae_summary["latents_mean"]),
         "latents_std": json.dumps(vae_summary["latents_std"]),
         "vae_steps": str(vae_summary["step"]),
-        "dit_steps": dit_step,
+        "dit_steps": str(dit_total),
+        **lineage,
     }
     path = Path(config.weights_out) if config.weights_out else preset_weights_file(preset)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    canonicalise_safetensors_header(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     logger.info("wrote %s (%.1f MB), sha256 %s", path, path.stat().st_size / 1e6, digest)
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest}
 
 
-def load_file_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as file:
-        return dict(file.metadata())
+def canonicalise_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, so the same weights and metadata give the same
+    bytes (and SHA-256) on every export: safetensors writes the metadata from a hash map, in a different order on
+    each run, which would make a recipe's digest unreproducible. Offsets count from the end of the header, so the
+    tensor data is untouched; the header is padded with spaces to 8 bytes as the format allows."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
 
 
 def stage_evaluate(config: TrainConfig, max_steps: int | None = None) -> dict:

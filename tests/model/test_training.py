@@ -14,7 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flashportrait.model.components import build_components, preset_weights_file, sha256_file
+from flashportrait.model.components import (
+    build_components,
+    preset_weights_file,
+    safetensors_metadata,
+    sha256_file,
+)
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest
 from flashportrait.model.presets import DEMO, TINY
 from flashportrait.model.training.data import DataConfig, render_clip
@@ -27,7 +32,7 @@ from flashportrait.model.training.dit_stage import (
 )
 from flashportrait.model.training.identities import held_out_identities, pseudo_identity, training_identities
 from flashportrait.model.training.loop import OptimConfig, TrainingRun, step_generator
-from flashportrait.model.training.recipe import load_config
+from flashportrait.model.training.recipe import TrainConfig, load_config
 from flashportrait.model.training.vae_stage import VaeStageConfig
 
 
@@ -125,6 +130,22 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(path)
 
 
+def test_learning_rate_warms_up_then_stays_or_decays_by_cosine():
+    constant = OptimConfig(steps=1000, lr=1e-3, warmup_steps=100)
+    assert constant.lr_at(0) == pytest.approx(1e-5) and constant.lr_at(100) == constant.lr_at(999) == 1e-3
+    decayed = OptimConfig(steps=1000, lr=1e-3, warmup_steps=100, lr_final=1e-5)
+    assert decayed.lr_at(100) == pytest.approx(1e-3)
+    assert decayed.lr_at(550) == pytest.approx((1e-3 + 1e-5) / 2)  # halfway through the decay
+    assert decayed.lr_at(1000) == pytest.approx(1e-5) and decayed.lr_at(5000) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="lr_final must be in"):
+        OptimConfig(lr=1e-3, lr_final=1e-2)
+
+
+def test_a_continuation_must_pin_the_weights_it_continues():
+    with pytest.raises(ValueError, match="init_from = 'a.safetensors' needs init_sha256"):
+        TrainConfig(init_from="a.safetensors")
+
+
 @pytest.mark.slow
 def test_recipe_end_to_end_through_the_cli(tmp_path):
     """Every stage of a toy recipe through `flashportrait train`, then the exported file renders through the preset
@@ -154,6 +175,29 @@ def test_recipe_end_to_end_through_the_cli(tmp_path):
     again = subprocess.run([str(cli), "train", str(config), *stages], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["dit"]["step"] == 2  # resumed at the end: no step was run twice
+    assert json.loads(again.stdout)["export"]["sha256"] == summary["export"]["sha256"]  # byte-reproducible export
+
+    # A continuation recipe: it starts from the export (digest pinned), reuses its VAE frozen, counts its steps on.
+    first = tmp_path / "tiny.safetensors"
+    continued = tmp_path / "continued.toml"
+    continued.write_text(
+        f'preset = "tiny"\nversion = "tiny-v2"\nout = "{tmp_path / "out2"}"\n'
+        f'weights_out = "{tmp_path / "tiny-v2.safetensors"}"\ninit_from = "{first}"\n'
+        f'init_sha256 = "{summary["export"]["sha256"]}"\nthreads = 1\n'
+        "[data]\nidentities = 2\nheld_out = 1\nframes = 13\nsize = 64\nfps = 12.0\n"
+        "[dit]\nwindow = 3\n[dit.optim]\nsteps = 1\nbatch = 1\ncheckpoint_every = 1\nlr = 1e-3\nlr_final = 0.0\n"
+        "warmup_steps = 0\nema_decay = 0.0\n"
+    )
+    proc = subprocess.run([str(cli), "train", str(continued), *stages], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["vae"]["from"] == str(first)  # no VAE training
+    second = load_file(str(tmp_path / "tiny-v2.safetensors"))
+    assert all(torch.equal(second[k], v) for k, v in tensors.items() if k.startswith("vae."))
+    meta = safetensors_metadata(tmp_path / "tiny-v2.safetensors")
+    assert meta["version"] == "tiny-v2" and meta["dit_steps"] == "3"
+    assert meta["continues"].endswith(summary["export"]["sha256"])
+    moved = max((second[k] - tensors[k]).abs().max().item() for k in tensors if k.startswith("transformer."))
+    assert 0 < moved < 0.05  # one small step from the first export's weights, not from the seeded initialisation
 
 
 def test_the_committed_demo_weights_match_their_digest_and_render():
