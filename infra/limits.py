@@ -1,8 +1,9 @@
 """Resource limits for untrusted inputs, enforced before decoding; each has a CLI flag and an environment variable.
 
-Defaults suit a shared platform: a 4K frame, 30 minutes of video, 10,000 rows. ffmpeg and Pillow accept far more
-(an 8K frame, a "7-hour" clip from a bogus timescale, a 30000² PNG bomb), so these are checked from headers and
-probes first and the decoder subprocess runs under memory, file-size and time rlimits.
+Defaults suit a shared platform: a 4K video frame, a 50 Mpx photo (downscaled to 8.3 Mpx on load), 30 minutes of
+video, 10,000 rows. ffmpeg and Pillow accept far more (an 8K frame, a "7-hour" clip from a bogus timescale, a 30000²
+PNG bomb), so these are checked from headers and probes first and the decoder subprocess runs under memory, file-size
+and time rlimits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ ENV_PREFIX = "FLASHPORTRAIT_"
 
 @dataclass(frozen=True)
 class Limits:
-    max_input_pixels: int = 3840 * 2160  # per image or video frame (8.3 Mpx)
+    # Per video frame (8.3 Mpx): a larger video is refused. Still images larger than this are downscaled to it
+    # after decoding (phone photos are 12-50 Mpx); only their header size is refused, above max_image_pixels.
+    max_input_pixels: int = 3840 * 2160
+    max_image_pixels: int = 50_000_000  # header size of a reference image: the decompression-bomb guard
     min_input_side: int = 64  # smaller references/videos cannot hold a usable face
     max_duration_s: float = 1800.0
     max_frames: int = 54_001  # after resampling to the output fps (30 min at 30 fps)

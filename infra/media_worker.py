@@ -40,16 +40,40 @@ def mpx(pixels: int) -> str:
 
 
 def check_size(width: int, height: int, limits: dict, what: str) -> None:
+    """A video's frame size against ``max_input_pixels`` (an image's: :func:`check_image_size`)."""
     if width * height > limits["max_input_pixels"]:
         raise Rejected(
             f"{width}x{height} exceeds max_input_pixels ({mpx(limits['max_input_pixels'])}); downscale the {what} "
             "or raise --max-input-pixels"
         )
+    check_min_side(width, height, limits)
+
+
+def check_image_size(width: int, height: int, limits: dict) -> None:
+    """A still image's header size against ``max_image_pixels``: phone photos (12-50 Mpx) pass and are downscaled
+    after decoding; a decompression bomb (a 20000² PNG of a few kB) is refused before a pixel is decoded."""
+    if width * height > limits["max_image_pixels"]:
+        raise Rejected(
+            f"{width}x{height} exceeds max_image_pixels ({mpx(limits['max_image_pixels'])}); downscale the image "
+            "or raise --max-image-pixels"
+        )
+    check_min_side(width, height, limits)
+
+
+def check_min_side(width: int, height: int, limits: dict) -> None:
     if min(width, height) < limits["min_input_side"]:
         raise Rejected(
             f"{width}x{height} is smaller than min_input_side ({limits['min_input_side']} px); a usable face needs "
             "more pixels"
         )
+
+
+def working_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up), aspect kept, to at most ``max_pixels`` pixels."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = (max_pixels / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 def inspect_image(path: str, out_npy: str, limits: dict) -> dict:
@@ -65,7 +89,13 @@ def inspect_image(path: str, out_npy: str, limits: dict) -> dict:
     with image:
         if image.format not in ALLOWED_IMAGE_FORMATS:
             raise Rejected(f"image format {image.format} is not accepted; use PNG or JPEG")
-        check_size(*image.size, limits, "image")
+        check_image_size(*image.size, limits)
+        header_size = image.size
+        target = working_size(*header_size, limits["max_input_pixels"])
+        if target != header_size:
+            # JPEG: decode at 1/2, 1/4 or 1/8 scale in libjpeg (a 48 Mpx photo never exists at full size here),
+            # never below the working size; other formats decode in full (at most max_image_pixels) and are reduced.
+            image.draft(None, target)
         try:
             image.load()
         except OSError as error:
@@ -75,6 +105,14 @@ def inspect_image(path: str, out_npy: str, limits: dict) -> dict:
         if oriented.size != image.size or oriented is not image and image.getexif().get(0x0112, 1) != 1:
             notes.append("exif-rotated")
         rgb = to_rgb8(oriented, notes)
+        if target != header_size:
+            fitted = working_size(*rgb.size, limits["max_input_pixels"])
+            if rgb.size != fitted:
+                rgb = rgb.resize(fitted, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            notes.append(
+                f"downscaled from {header_size[0]}x{header_size[1]} to {rgb.size[0]}x{rgb.size[1]} "
+                f"(max_input_pixels {mpx(limits['max_input_pixels'])})"
+            )
     named = EXTENSION_FORMATS.get(Path(path).suffix.lower().lstrip("."))
     if named is not None and named != image.format:
         notes.append(f"content is {image.format} whatever the file name says")

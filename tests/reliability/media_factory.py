@@ -98,3 +98,18 @@ def portrait(
         kwargs["exif"] = exif
     image.save(path, format=fmt, **kwargs)
     return path
+
+
+def phone_photo(
+    path: Path, size: tuple[int, int], *, fmt: str = "JPEG", exif_orientation: int = 0, quality: int = 85
+) -> Path:
+    """A phone-sized photo (12-48 Mpx): the test portrait scaled up to ``size`` (width, height), optionally with an
+    EXIF orientation as phones write it."""
+    image = Image.fromarray(astronaut_portrait(512)).resize(size, Image.Resampling.BILINEAR)
+    kwargs: dict = {"quality": quality} if fmt == "JPEG" else {"compress_level": 1}
+    if exif_orientation:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        kwargs["exif"] = exif
+    image.save(path, format=fmt, **kwargs)
+    return path

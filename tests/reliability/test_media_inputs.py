@@ -3,6 +3,7 @@ files are normalised."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -31,17 +32,55 @@ def image(path, limits: Limits = LIMITS):
         (lambda p: put(p, b""), "not an image Pillow can identify"),
         (lambda p: mf.truncated_copy(mf.portrait(p.with_name("full.png")), p, 0.3), "truncated or corrupt"),
         (lambda p: put(p, b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "not an image|unreadable"),
-        (lambda p: Image.new("1", (20000, 20000)).save(p) or p, r"20000x20000 exceeds max_input_pixels \(8.3 Mpx\)"),
-        (lambda p: mf.png_header_lie(p), r"65535x65535 exceeds max_input_pixels"),
+        (lambda p: Image.new("1", (20000, 20000)).save(p) or p, r"20000x20000 exceeds max_image_pixels \(50.0 Mpx\)"),
+        (lambda p: mf.png_header_lie(p), r"65535x65535 exceeds max_image_pixels"),
+        (lambda p: mf.png_header_lie(p, 10000, 5001), r"10000x5001 exceeds max_image_pixels \(50.0 Mpx\)"),
         (lambda p: mf.portrait(p, size=32), r"32x32 is smaller than min_input_side \(64 px\)"),
         (lambda p: put(p, '<svg xmlns="http://www.w3.org/2000/svg"/>'), "not an image Pillow can identify"),
     ],
-    ids=["text", "empty", "truncated", "corrupt", "bomb", "header-lie", "too-small", "svg"],
+    ids=["text", "empty", "truncated", "corrupt", "bomb", "header-lie", "header-lie-50mpx", "too-small", "svg"],
 )
 def test_bad_reference_images_are_refused(tmp_path, make, message):
     path = make(tmp_path / "ref.png")
     with pytest.raises(MediaRejected, match=message):
         image(path)
+
+
+@pytest.mark.parametrize(
+    ("size", "fmt", "orientation", "expected"),
+    [
+        ((4000, 3000), "JPEG", 0, (3325, 2494)),  # 12 Mpx phone photo
+        ((3000, 4000), "PNG", 0, (2494, 3325)),  # 12 Mpx, a format without reduced-scale decoding
+        ((4032, 3024), "JPEG", 6, (2494, 3325)),  # 12 Mpx portrait shot held upright: EXIF-rotated, then fitted
+        ((8000, 6000), "JPEG", 0, (3325, 2494)),  # 48 Mpx
+    ],
+    ids=["12mpx-jpeg", "12mpx-png", "12mpx-exif-rotated", "48mpx-jpeg"],
+)
+def test_phone_photos_are_downscaled_to_the_working_size(tmp_path, size, fmt, orientation, expected):
+    path = mf.phone_photo(tmp_path / f"photo.{fmt.lower()}", size, fmt=fmt, exif_orientation=orientation)
+    pixels, info = image(path)
+    assert pixels.shape == (expected[1], expected[0], 3)
+    assert pixels.shape[0] * pixels.shape[1] <= LIMITS.max_input_pixels
+    assert f"downscaled from {size[0]}x{size[1]} to {expected[0]}x{expected[1]}" in " ".join(info.normalised)
+    assert abs(pixels.shape[1] / pixels.shape[0] - expected[0] / expected[1]) < 1e-3  # aspect kept
+    assert 60 < pixels.mean() < 200  # real content, not a blank or black decode
+
+
+def test_a_48_megapixel_jpeg_decodes_at_reduced_scale(tmp_path, monkeypatch):
+    """libjpeg's 1/2-1/8 scaled decode: the 144 MB full-size RGB image is never made, so 512 MiB of address space
+    (the interpreter with numpy and Pillow takes about 300) is enough; a full-size decode needs about 650."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # BLAS thread stacks would count against RLIMIT_AS
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = mf.phone_photo(tmp_path / "photo.jpg", (8000, 6000))
+    pixels, _ = image(path, Limits(decode_memory_bytes=512 << 20))
+    assert pixels.shape == (2494, 3325, 3)
+
+
+def test_images_within_the_working_size_are_untouched(tmp_path):
+    path = mf.phone_photo(tmp_path / "photo.png", (3840, 2160), fmt="PNG")  # exactly max_input_pixels
+    pixels, info = image(path)
+    assert pixels.shape == (2160, 3840, 3) and not any("downscaled" in n for n in info.normalised)
+    assert (pixels == np.asarray(Image.open(path).convert("RGB"))).all()  # bit-exact: earlier job hashes hold
 
 
 @pytest.mark.parametrize(

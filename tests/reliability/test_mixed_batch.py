@@ -57,7 +57,7 @@ def test_bad_rows_fail_alone(s3_bucket, prefect_harness, tmp_path):
         4: "nope.mp4",
         5: "driving: not a readable video",
         6: "driving: no video stream (it has only audio)",
-        7: "reference: 20000x20000 exceeds max_input_pixels (8.3 Mpx)",
+        7: "reference: 20000x20000 exceeds max_image_pixels (50.0 Mpx)",
         8: "steps must be between 1 and 1000, got 0",
         9: "line 9",
         10: "duplicate id 'good-1'",
