@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_MANIFEST_FORMATS = (".jsonl", ".ndjson", ".csv", ".parquet")
 _UTF8_BOM = b"\xef\xbb\xbf"
+# UTF-32 first: its little-endian mark begins with UTF-16's.
+_UNICODE_BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
 
 
 @dataclass(frozen=True)
@@ -58,15 +65,37 @@ def read_manifest_records(url: str) -> list[ManifestRecord]:
     except FileNotFoundError as error:
         raise FileNotFoundError(f"Manifest {url} does not exist; check the URL.") from error
     with file:
-        if extension == ".csv":
-            records = list(_csv_records(file, url))
-        elif extension == ".parquet":
+        if extension == ".parquet":
             records = list(_parquet_records(file, url))
         else:
-            records = list(_jsonl_records(file))
+            text = io.BytesIO(_as_utf8(file.read(), url))
+            records = list(_csv_records(text, url) if extension == ".csv" else _jsonl_records(text))
     unparsable = sum(record.error is not None for record in records)
     logger.info("read %d records (%d unparsable) from %s", len(records), unparsable, url)
     return records
+
+
+def _as_utf8(data: bytes, url: str) -> bytes:
+    """The manifest's text as UTF-8: UTF-16 and UTF-32 with a byte-order mark (what a spreadsheet's "Unicode text"
+    export writes) are converted; the same without a mark is refused as a whole, naming the encoding, since every
+    row would otherwise fail on its own. Line breaks are kept, so line numbers still point into the user's file."""
+    for bom, encoding in _UNICODE_BOMS:
+        if data.startswith(bom):
+            try:
+                text = data[len(bom) :].decode(encoding)
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"Manifest {url} starts with a {encoding.upper()} byte-order mark but is not valid "
+                    f"{encoding.upper()} ({error.reason} at byte {error.start + len(bom)}); save it as UTF-8."
+                ) from None
+            logger.info("manifest %s is %s text; read as such", url, encoding.upper())
+            return text.encode("utf-8", "surrogatepass")
+    if b"\x00" in data[:4096]:
+        raise ValueError(
+            f"Manifest {url} contains NUL bytes: it looks like UTF-16 or UTF-32 text without a byte-order mark; "
+            'save it as UTF-8 (or as UTF-16 with a byte-order mark, as spreadsheets\' "Unicode text" does).'
+        )
+    return data
 
 
 def _jsonl_records(file: IO[bytes]) -> Iterator[ManifestRecord]:
@@ -93,10 +122,16 @@ def _json_record(number: int, raw: bytes) -> ManifestRecord:
 
 
 def _csv_records(file: IO[bytes], url: str) -> Iterator[ManifestRecord]:
-    """RFC 4180 CSV with a header row; empty cells are left out, so they read as "not given"."""
+    """RFC 4180 CSV with a header row; empty cells are left out, so they read as "not given".
+
+    A header with tabs and no commas makes it tab-separated (a spreadsheet's "Unicode text" / "Text (Tab
+    delimited)" export, renamed .csv); quoting works the same.
+    """
     text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")  # newline="": quoted fields may hold CR/LF
-    reader = csv.reader(text, strict=True)
     try:
+        first = text.readline()
+        text.seek(0)
+        reader = csv.reader(text, strict=True, delimiter="\t" if "\t" in first and "," not in first else ",")
         header = next(reader, None)
         if header is None:
             return

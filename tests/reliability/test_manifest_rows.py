@@ -140,3 +140,36 @@ def test_unknown_fields_warn_and_oversized_fields_fail(tmp_path):
     got = reasons(failures)
     assert "prompt: 33 bytes exceeds the limit of 32" in got[2] and "--max-prompt-bytes" in got[2]
     assert "reference: 65 bytes exceeds the limit of 64" in got[3]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_unicode_text_exports_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    """A spreadsheet's "Unicode text" export: UTF-16 LE with a BOM, tab-separated, CRLF; renamed .csv."""
+    body = "\ufeff" + "id\treference\tdriving\tprompt\r\n" + 'a\tref.png\tdrv.mp4\t"café, ""smile"""\r\n'
+    body += "b\tref.png\tdrv.mp4\tnaïve 😀\r\n"
+    jobs, failures = parse(tmp_path, "export.csv", body.encode(encoding))
+    assert failures == [] and [(j.id, j.prompt, j.line) for j in jobs] == [
+        ("a", 'café, "smile"', 2),
+        ("b", "naïve 😀", 3),
+    ]
+    rows = jsonl({"id": "a", **GOOD, "prompt": "café"}, "{broken", {"id": "b", **GOOD})
+    jobs, failures = parse(tmp_path, "m.jsonl", ("\ufeff" + rows).encode(encoding))
+    assert [j.id for j in jobs] == ["a", "b"] and jobs[0].prompt == "café"
+    assert list(reasons(failures)) == [2]  # line numbers still point into the user's file
+
+
+@pytest.mark.parametrize(("name", "encoding"), [("m.csv", "utf-16-le"), ("m.jsonl", "utf-16-be")])
+def test_utf16_without_a_byte_order_mark_refuses_the_manifest_naming_the_encoding(tmp_path, name, encoding):
+    body = "id,reference,driving\na,ref.png,drv.mp4\n" if name.endswith(".csv") else jsonl({"id": "a", **GOOD})
+    with pytest.raises(ValueError, match="looks like UTF-16 or UTF-32 text without a byte-order mark; save it as"):
+        parse(tmp_path, name, body.encode(encoding))
+
+
+def test_a_byte_order_mark_over_invalid_text_refuses_the_manifest(tmp_path):
+    with pytest.raises(ValueError, match="starts with a UTF-16-LE byte-order mark but is not valid UTF-16-LE"):
+        parse(tmp_path, "m.jsonl", b"\xff\xfe" + '{"id": "a"}\n'.encode("utf-16-le") + b"\x00\xdc")
+
+
+def test_tab_separated_csv_in_utf8(tmp_path):
+    jobs, failures = parse(tmp_path, "m.csv", "id\treference\tdriving\na\tref.png\tdrv.mp4\n")
+    assert failures == [] and jobs[0].id == "a"
