@@ -25,6 +25,7 @@ frame; a one-pass ``-shortest`` overshoots by up to ~0.4 s (measured here).
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import threading
@@ -45,6 +46,10 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _QUIET = ("-hide_banner", "-nostdin", "-loglevel", "error")
+# Decoding also tags each line with its level, so a decoder error ffmpeg conceals (it exits 0 and outputs every frame,
+# smearing the damaged blocks) can be told apart and counted.
+_DECODE_LOG = ("-hide_banner", "-nostdin", "-loglevel", "level+error")
+_ERROR_LINE = re.compile(r"\[(error|fatal|panic)\]")
 # BT.709, TV range: the conversion and the tags of every file we write.
 _BT709 = {"colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
 
@@ -195,13 +200,23 @@ class _StderrTail:
 
     def __init__(self, pipe: IO[bytes], keep: int = 40) -> None:
         self._lines: deque[str] = deque(maxlen=keep)
+        self.errors = 0  # lines tagged [error]/[fatal]/[panic] (only with ``-loglevel level+…``)
+        self.first_error = ""
         self._thread = threading.Thread(target=self._drain, args=(pipe,), name="ffmpeg-stderr", daemon=True)
         self._thread.start()
 
     def _drain(self, pipe: IO[bytes]) -> None:
         with pipe:
             for raw in iter(pipe.readline, b""):
-                self._lines.append(raw.decode("utf-8", "replace").rstrip())
+                line = raw.decode("utf-8", "replace").rstrip()
+                self._lines.append(line)
+                if _ERROR_LINE.search(line):
+                    self.first_error = self.first_error or line
+                    self.errors += 1
+
+    def wait(self) -> None:
+        """Until ffmpeg closed stderr (call after it exited): every line has been read and counted."""
+        self._thread.join(timeout=10)
 
     def text(self) -> str:
         self._thread.join(timeout=10)
@@ -261,6 +276,10 @@ def iter_frames(
     Only one frame is in memory at a time; stopping the iteration early kills ffmpeg. ``info`` skips the probe
     (pass what a sandboxed probe returned for untrusted files); ``preexec_fn`` runs in the ffmpeg child before exec
     (resource limits). Only the demuxers in ``ALLOWED_CONTAINERS`` and the ``file`` protocol are enabled.
+
+    Fail closed: at the end of the stream, a truncated file, or any error the decoder reported (corrupt packets,
+    which ffmpeg conceals and exits 0 on), raises :class:`FFmpegError`. With ``lenient`` the frames are kept and
+    the report records what was dropped and concealed.
     """
     info = info or probe_video(path)
     if size is not None and max_side is not None:
@@ -283,13 +302,21 @@ def iter_frames(
             buffer = _read_frame(process.stdout, frame_bytes)
             if len(buffer) < frame_bytes:  # end of the stream (empty) or, if ffmpeg broke off, inside a frame
                 expected = _expected_frames(info, rate)
+                problems = []
                 try:
                     _check_decoder_exit(process, stderr, path, complete=not buffer)
                     _check_frame_count(count, expected, stderr, path)
                 except FFmpegError as error:
                     if lenient is None:
                         raise  # fail closed: a damaged file is an error unless the caller opted into leniency
-                    lenient.record(count, expected, str(error).splitlines()[0])
+                    problems.append(str(error).splitlines()[0])
+                stderr.wait()
+                if stderr.errors:
+                    if lenient is None:
+                        raise FFmpegError(_damage_message(path, stderr))
+                    problems.append(f"the decoder concealed {stderr.errors} error(s), first: {stderr.first_error}")
+                if lenient is not None and problems:
+                    lenient.record(count, expected, "; ".join(problems), decoder_errors=stderr.errors)
                     logger.warning("lenient decode of %s: kept %d frame(s): %s", path, count, lenient.problem)
                 return
             yield np.frombuffer(buffer, dtype=np.uint8).reshape(height, width, 3)
@@ -313,7 +340,7 @@ def _decode_graph(
     options: dict[str, Any] = {"format": "rawvideo", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
     if max_frames is not None:
         options["frames:v"] = max_frames
-    return ffmpeg.output(video, "pipe:", **options).global_args(*_QUIET)
+    return ffmpeg.output(video, "pipe:", **options).global_args(*_DECODE_LOG)
 
 
 def _read_frame(pipe: IO[bytes], frame_bytes: int) -> bytearray:
@@ -339,9 +366,11 @@ class DecodeReport:
     frames_kept: int = 0
     frames_expected: float | None = None
     problem: str = ""
+    decoder_errors: int = 0  # errors the decoder reported and concealed (corrupt packets)
 
-    def record(self, kept: int, expected: float | None, problem: str) -> None:
+    def record(self, kept: int, expected: float | None, problem: str, *, decoder_errors: int = 0) -> None:
         self.damaged, self.frames_kept, self.frames_expected, self.problem = True, kept, expected, problem
+        self.decoder_errors = decoder_errors
 
     @property
     def frames_dropped(self) -> int:
@@ -356,6 +385,14 @@ def _check_decoder_exit(
         raise FFmpegError(f"ffmpeg failed decoding {path} (exit code {returncode}):\n{stderr.text()}")
     if not complete:
         raise FFmpegError(f"ffmpeg's output for {path} ended inside a frame:\n{stderr.text()}")
+
+
+def _damage_message(path: str | Path, stderr: _StderrTail) -> str:
+    return (
+        f"{path}: the decoder reported {stderr.errors} error(s), first: {stderr.first_error.strip()}. The file is "
+        "damaged (corrupt packets), which ffmpeg hides by smearing or repeating picture parts; re-upload or "
+        f"re-encode it, or set --lenient-decode to render it anyway and record what was concealed.\n{stderr.text()}"
+    )
 
 
 def _expected_frames(info: VideoInfo, fps: float) -> float | None:

@@ -113,3 +113,18 @@ def phone_photo(
         kwargs["exif"] = exif
     image.save(path, format=fmt, **kwargs)
     return path
+
+
+def corrupt_packets(source: Path, path: Path, packets: range = range(10, 14)) -> Path:
+    """A copy of ``source`` with the video packets ``packets`` scrambled (every 7th byte of their last three
+    quarters flipped): the container and the headers stay intact, so only the decoder can tell."""
+    import av
+
+    data = bytearray(source.read_bytes())
+    with av.open(str(source)) as container:
+        spans = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size and p.pos is not None]
+    for pos, size in (spans[i] for i in packets):
+        for offset in range(pos + size // 4, pos + size, 7):
+            data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path

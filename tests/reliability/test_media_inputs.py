@@ -9,6 +9,7 @@ from PIL import Image
 
 from flashportrait.infra.limits import Limits
 from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video
+from flashportrait.infra.video_io import DecodeReport, FFmpegError, iter_frames
 
 from . import media_factory as mf
 
@@ -150,3 +151,30 @@ def test_bad_driving_videos_are_refused(tmp_path, clip, make, message, limits):
 def test_odd_but_legal_videos_pass_inspection(tmp_path, name, kwargs, expected):
     info = inspect_video(mf.test_clip(tmp_path / name, **kwargs), LIMITS)
     assert (info.width, info.height, info.fps) == expected and info.num_frames >= 5
+
+
+@pytest.fixture(scope="module")
+def corrupt_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corrupt")
+    clip = mf.test_clip(folder / "clip.mp4", size="128x128", frames=48, extra=("-g", "12", "-movflags", "+faststart"))
+    return clip, mf.corrupt_packets(clip, folder / "corrupt.mp4")
+
+
+def test_corrupt_packets_fail_the_decode(corrupt_clip):
+    clip, corrupt = corrupt_clip
+    assert len(list(iter_frames(clip))) == 48  # the intact clip decodes without a word
+    info = inspect_video(corrupt, LIMITS)  # headers intact: only the decoder can tell
+    assert info.num_frames == 48
+    with pytest.raises(
+        FFmpegError,
+        match=r"corrupt\.mp4: the decoder reported \d+ error\(s\), first: .*\[error\].*damaged.*--lenient-decode",
+    ):
+        list(iter_frames(corrupt, info=info.video_info()))
+
+
+def test_corrupt_packets_under_lenient_decode_render_and_say_what_was_concealed(corrupt_clip):
+    _, corrupt = corrupt_clip
+    report = DecodeReport()
+    frames = list(iter_frames(corrupt, lenient=report))
+    assert len(frames) == 48 and report.damaged and report.frames_kept == 48 and report.frames_dropped == 0
+    assert report.decoder_errors > 0 and "the decoder concealed" in report.problem and "[error]" in report.problem
