@@ -15,24 +15,20 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from flashportrait.infra import storage
-from flashportrait.infra.limits import Limits, env_name, flag
 from flashportrait.infra.preflight import check_credentials, check_run, instance_metadata_allowed
 from flashportrait.infra.redact import redact
-from flashportrait.model.alp import ALP_PRESETS
-from flashportrait.model.expression import available_extractors
-from flashportrait.model.presets import DEFAULT_PRESET, PRESETS
 from flashportrait.model.training import STAGES as TRAIN_STAGES
 
 from . import deployments
 from . import render as render_module
 from .manifest import Job
 from .publishing import JobOutputs
+from .settings import RenderSettings, add_settings_options, settings_error_message, settings_from_args
 from .watcher import MODES, STATE_NAME, ManifestVersion, ManifestWatcher
 
 
@@ -47,120 +43,9 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 def _common(parser: argparse.ArgumentParser, default_workers: int) -> None:
-    parser.add_argument(
-        "--preset",
-        default=DEFAULT_PRESET,
-        choices=sorted(PRESETS),
-        help=f"model preset (default: {DEFAULT_PRESET}, the CPU-trained demo model; tiny = random weights for tests)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers,
-        help=f"Ray worker actors that share each video's windows; 0 = run in this process without "
-        f"Ray (default: {default_workers})",
-    )
-    parser.add_argument(
-        "--ray-address",
-        default=None,
-        help="connect to a running Ray cluster (host:port or 'auto'; default: $RAY_ADDRESS, else "
-        "start a local cluster)",
-    )
-    parser.add_argument(
-        "--extractor",
-        default=None,
-        choices=available_extractors(),
-        help="expression feature extractor: landmark (download-free, dlib), pdfgc (the released model's; needs its "
-        "files), pixel (coarse, for tests) (default: pdfgc with --base/--flashportrait, else landmark)",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="denoising steps (default: the preset's; a manifest row's 'steps' wins)",
-    )
-    parser.add_argument("--crf", type=int, default=18, help="H.264 constant rate factor, 0–51 (default: 18)")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="re-render and replace outputs already published (default: skip rows published with the same job hash)",
-    )
+    """The run settings' options (generated from :class:`RenderSettings`) and the display switches."""
+    add_settings_options(parser, defaults={"workers": default_workers})
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--alp",
-        default=None,
-        choices=list(ALP_PRESETS),
-        help="Adaptive Latent Prediction: skip most transformer calls by forecasting their features (balanced ≈ 3×, "
-        "fast ≈ 6× fewer calls; paper = the paper's fixed-K reading). Default: off. A manifest row's 'alp' wins",
-    )
-    model = parser.add_argument_group(
-        "released model", "Run the released FlashPortrait-14B instead of a built-in preset (docs/released-model.md)."
-    )
-    model.add_argument(
-        "--base", default=None, metavar="URL", help="Wan2.1-I2V-14B-720P folder or URL (diffusers or original layout)"
-    )
-    model.add_argument(
-        "--flashportrait",
-        default=None,
-        metavar="URL",
-        help="folder or URL holding transformer.pt, portrait_encoder.pt (and pd_fpg.pth, the ONNX "
-        "face models, fast_lora_rank64.safetensors)",
-    )
-    model.add_argument("--fast", action="store_true", help="merge the step-distill LoRA and sample 4 steps")
-    model.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float16", "float32"],
-        help="precision of the released transformer, T5 and CLIP (default: bfloat16)",
-    )
-    guard = parser.add_argument_group(
-        "input policy and limits",
-        "What rows may point at, and the resource limits enforced before decoding. Every limit can also be set with "
-        "the environment variable FLASHPORTRAIT_<NAME> (e.g. FLASHPORTRAIT_MAX_INPUT_PIXELS); flags win.",
-    )
-    guard.add_argument(
-        "--lenient-decode",
-        action="store_true",
-        help="keep the frames of a truncated or damaged driving video instead of failing the row; the sidecar "
-        "records what was dropped (default: fail closed)",
-    )
-    guard.add_argument(
-        "--allow-scheme",
-        action="append",
-        default=None,
-        metavar="SCHEME",
-        help="URL scheme rows may use (repeatable; default: s3 and file). http/https also need --allow-http-host",
-    )
-    guard.add_argument(
-        "--allow-http-host",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="host that http(s) inputs may come from (repeatable; default: none)",
-    )
-    guard.add_argument(
-        "--allow-local-root",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="folder local inputs may live in besides the manifest's own folder (repeatable)",
-    )
-    guard.add_argument(
-        "--allow-prefix",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="if given, remote inputs must start with one of these prefixes (repeatable)",
-    )
-    defaults = Limits()
-    for f in fields(Limits):
-        guard.add_argument(
-            f"--{flag(f.name)}",
-            type=type(getattr(defaults, f.name)),
-            default=None,
-            metavar="N",
-            help=f"limit {f.name} (default {getattr(defaults, f.name)}; env {env_name(f.name)})",
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,40 +106,13 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _deployment_options(parser: argparse.ArgumentParser) -> None:
-    defaults = deployments.RENDER_DEFAULTS
     parser.add_argument("--input-prefix", required=True, help="URL of the folder holding manifests (s3://bucket/in/)")
     parser.add_argument(
         "--output-root",
         required=True,
         help="URL under which each manifest renders to <root>/<manifest name>; must lie outside the input prefix",
     )
-    parser.add_argument(
-        "--preset", default=defaults["preset"], choices=sorted(PRESETS), help="model preset (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--alp",
-        default=None,
-        choices=list(ALP_PRESETS),
-        help="Adaptive Latent Prediction preset of every run (default: off; a manifest row's 'alp' wins)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=defaults["workers"],
-        help="Ray worker actors per video; 0 = no Ray (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        default=None,
-        help="Ray cluster the runs join (default: $RAY_ADDRESS of the process running the flow, else a local one)",
-    )
-    parser.add_argument(
-        "--extractor",
-        default=defaults["extractor"],
-        choices=available_extractors(),
-        help="expression feature extractor (default: %(default)s)",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    add_settings_options(parser)
     parser.add_argument(
         "--cron",
         default=deployments.DEFAULT_CRON,
@@ -341,31 +199,8 @@ class _ProgressBars:
             bar.close()
 
 
-def _settings(args: argparse.Namespace) -> render_module.RenderSettings:
-    if args.workers < 0:
-        raise ValueError(f"--workers must be ≥ 0, got {args.workers}")
-    if not 0 <= args.crf <= 51:
-        raise ValueError(f"--crf must be between 0 and 51, got {args.crf}")
-    return render_module.RenderSettings(
-        preset=args.preset,
-        extractor=args.extractor or ("pdfgc" if args.flashportrait else "landmark"),
-        workers=args.workers,
-        ray_address=args.ray_address,
-        steps=args.steps,
-        crf=args.crf,
-        force=args.force,
-        lenient_decode=args.lenient_decode,
-        alp=args.alp,
-        base=args.base,
-        flashportrait=args.flashportrait,
-        fast=args.fast,
-        dtype=args.dtype,
-        allowed_schemes=args.allow_scheme or ["s3", "file"],
-        allowed_http_hosts=args.allow_http_host,
-        allowed_local_roots=args.allow_local_root,
-        allowed_prefixes=args.allow_prefix,
-        limits={f.name: getattr(args, f.name) for f in fields(Limits) if getattr(args, f.name) is not None},
-    )
+def _settings(args: argparse.Namespace) -> RenderSettings:
+    return settings_from_args(args)
 
 
 def _run_render(args: argparse.Namespace) -> int:
@@ -428,22 +263,14 @@ def _deployment_settings(args: argparse.Namespace) -> deployments.DeploymentSett
         return deployments.DeploymentSettings(
             input_prefix=args.input_prefix,
             output_root=args.output_root,
-            render=deployments.RenderOptions(
-                preset=args.preset,
-                alp=args.alp,
-                workers=args.workers,
-                ray_address=args.ray_address,
-                extractor=args.extractor,
-                steps=args.steps,
-            ),
+            render=settings_from_args(args),
             cron=args.cron,
             timezone=args.timezone,
             bulk_name=args.bulk_name,
             render_name=args.render_name,
         )
     except ValidationError as exc:  # one line per problem, without pydantic's links
-        problems = [error["msg"].removeprefix("Value error, ") for error in exc.errors()]
-        raise ValueError("; ".join(problems)) from None
+        raise ValueError(settings_error_message(exc)) from None
 
 
 def _run_deploy(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ settings come from the environment of the worker or ``serve`` process (``AWS_*``
 
 from __future__ import annotations
 
-import inspect
 import logging
 import posixpath
 from collections import defaultdict
@@ -41,16 +40,14 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 from prefect.types.entrypoint import EntrypointType
 from prefect.workers.process import ProcessWorker
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flashportrait.infra import storage
 from flashportrait.infra.redact import redact
 from flashportrait.infra.tables import SUPPORTED_MANIFEST_FORMATS
-from flashportrait.model.alp import ALP_PRESETS
-from flashportrait.model.expression import available_extractors
-from flashportrait.model.presets import PRESETS
 
 from .render import is_manifest_rendered, manifest_output_prefix, render_manifest
+from .settings import RenderSettings
 
 
 logger = logging.getLogger(__name__)
@@ -90,60 +87,7 @@ def _normalise_prefix(url: str) -> str:
     return url.rstrip("/") + "/"
 
 
-# The run-level defaults are render-manifest's own, so a deployment renders what `flashportrait batch` would.
-RENDER_DEFAULTS = {name: p.default for name, p in inspect.signature(render_manifest.fn).parameters.items()}
-
-
 # One manifest ---------------------------------------------------------------------------------------------------
-class RenderOptions(BaseModel):
-    """How every manifest of a deployment is rendered (the run-level parameters of ``render_manifest``)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    preset: str = RENDER_DEFAULTS["preset"]
-    alp: str | None = None
-    workers: int = RENDER_DEFAULTS["workers"]
-    ray_address: str | None = None
-    extractor: str = RENDER_DEFAULTS["extractor"]
-    steps: int | None = None
-    force: bool = False
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown preset {value!r}; use one of {', '.join(sorted(PRESETS))}")
-        return value
-
-    @field_validator("workers")
-    @classmethod
-    def _workers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"workers must be ≥ 0 (0 renders in the flow's own process), got {value}")
-        return value
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"steps must be ≥ 1 or unset (the preset's), got {value}")
-        return value
-
-    @field_validator("alp")
-    @classmethod
-    def _alp(cls, value: str | None) -> str | None:
-        if value is not None and value not in ALP_PRESETS:
-            raise ValueError(f"unknown ALP preset {value!r}; use one of {', '.join(ALP_PRESETS)} or leave it unset")
-        return value
-
-    @field_validator("extractor")
-    @classmethod
-    def _extractor(cls, value: str) -> str:
-        if value not in available_extractors():
-            raise ValueError(f"unknown extractor {value!r}; use one of {', '.join(available_extractors())}")
-        return value
-
-
 class ManifestOutcome(BaseModel):
     """What happened to one manifest: ``rendered`` (every row done/skipped/failed), ``incomplete`` (rows left for a
     re-run), ``already-rendered``, ``superseded`` (replaced since the event announced it) or ``failed``."""
@@ -159,7 +103,7 @@ class ManifestOutcome(BaseModel):
 
 
 def render_manifest_if_new(
-    manifest_url: str, output_root: str, options: RenderOptions, expected_version: str | None = None
+    manifest_url: str, output_root: str, settings: RenderSettings, expected_version: str | None = None
 ) -> ManifestOutcome:
     """Render ``manifest_url`` under ``output_root`` unless its current version is already rendered there.
 
@@ -173,7 +117,7 @@ def render_manifest_if_new(
         reason = f"the manifest was replaced since (ETag {expected_version} → {current}); its own event renders it"
         log.warning("%s: %s", manifest_url, reason)
         return ManifestOutcome(manifest=manifest_url, output_prefix=output_prefix, status="superseded", reason=reason)
-    if not options.force and is_manifest_rendered(manifest_url, output_prefix):
+    if not settings.force and is_manifest_rendered(manifest_url, output_prefix):
         log.info("%s (version %s) is already rendered at %s", manifest_url, current, output_prefix)
         return ManifestOutcome(
             manifest=manifest_url,
@@ -182,17 +126,7 @@ def render_manifest_if_new(
             reason=f"version {current} finished at {output_prefix}",
         )
     with tags(RUN_TAG):  # the subflow run carries the tag too, so the zombie-run automation watches it
-        summary = render_manifest(
-            manifest_url=manifest_url,
-            output_prefix=output_prefix,
-            preset=options.preset,
-            workers=options.workers,
-            ray_address=options.ray_address,
-            extractor=options.extractor,
-            steps=options.steps,
-            force=options.force,
-            alp=options.alp,
-        )
+        summary = render_manifest(manifest_url=manifest_url, output_prefix=output_prefix, settings=settings)
     return ManifestOutcome(
         manifest=manifest_url,
         output_prefix=output_prefix,
@@ -218,23 +152,16 @@ def render_manifest_version(
     manifest_url: str,
     output_root: str,
     manifest_etag: str | None = None,
-    preset: str = RENDER_DEFAULTS["preset"],
-    alp: str | None = None,
-    workers: int = RENDER_DEFAULTS["workers"],
-    ray_address: str | None = None,
-    extractor: str = RENDER_DEFAULTS["extractor"],
-    steps: int | None = None,
-    force: bool = False,
+    settings: RenderSettings | None = None,
 ) -> ManifestOutcome:
     """Render one manifest (the version ``manifest_etag``, when given) to ``<output_root>/<manifest name>``.
 
     The flow behind the event-triggered ``render-manifest`` deployment; run it by hand with just ``manifest_url``.
+    ``settings`` unset = the defaults with the worker's ``FLASHPORTRAIT_*`` environment.
     """
-    options = RenderOptions(
-        preset=preset, alp=alp, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps, force=force
-    )
+    settings = settings or RenderSettings()
     # An event without the ETag label templates an empty string: render whatever version is there now.
-    outcome = render_manifest_if_new(manifest_url, output_root, options, expected_version=manifest_etag or None)
+    outcome = render_manifest_if_new(manifest_url, output_root, settings, expected_version=manifest_etag or None)
     get_run_logger().info("%s: %s %s", manifest_url, outcome.status, outcome.reason)
     return outcome
 
@@ -270,13 +197,7 @@ def _colliding_names(manifests: list[str], output_root: str) -> dict[str, list[s
 def bulk_render(
     input_prefix: str,
     output_root: str,
-    preset: str = RENDER_DEFAULTS["preset"],
-    alp: str | None = None,
-    workers: int = RENDER_DEFAULTS["workers"],
-    ray_address: str | None = None,
-    extractor: str = RENDER_DEFAULTS["extractor"],
-    steps: int | None = None,
-    force: bool = False,
+    settings: RenderSettings | None = None,
 ) -> BulkRenderSummary:
     """Render every manifest under ``input_prefix`` that is not rendered yet, each to ``<output_root>/<name>``.
 
@@ -285,9 +206,7 @@ def bulk_render(
     """
     log = get_run_logger()
     check_prefixes(input_prefix, output_root)
-    options = RenderOptions(
-        preset=preset, alp=alp, workers=workers, ray_address=ray_address, extractor=extractor, steps=steps, force=force
-    )
+    settings = settings or RenderSettings()
     manifests = list_manifests(input_prefix)
     if not manifests:
         log.warning("no manifests (%s) under %s", ", ".join(SUPPORTED_MANIFEST_FORMATS), input_prefix)
@@ -301,7 +220,7 @@ def bulk_render(
             outcomes.append(ManifestOutcome(manifest=url, output_prefix=prefix, status="failed", reason=reason))
             continue
         try:
-            outcomes.append(render_manifest_if_new(url, output_root, options))
+            outcomes.append(render_manifest_if_new(url, output_root, settings))
         except Exception as exc:  # one bad manifest never sinks the others; the next run retries it
             reason = redact(f"{type(exc).__name__}: {exc}")
             log.error("manifest %s failed: %s", url, reason)
@@ -329,7 +248,7 @@ class DeploymentSettings(BaseModel):
 
     input_prefix: str
     output_root: str
-    render: RenderOptions = RenderOptions()
+    render: RenderSettings = Field(default_factory=RenderSettings)
     cron: str = DEFAULT_CRON
     timezone: str = DEFAULT_TIMEZONE
     # One server can hold several pairs (one per input prefix, e.g. per environment) under different names.
@@ -350,8 +269,9 @@ class DeploymentSettings(BaseModel):
         return self
 
     def parameters(self) -> dict[str, Any]:
-        """Deployment default parameters shared by both deployments (``force`` stays a per-run choice)."""
-        return {"output_root": self.output_root, **self.render.model_dump(exclude={"force"})}
+        """Deployment default parameters shared by both deployments: the settings set away from their defaults
+        (``force`` stays a per-run choice; unset ones follow the worker's ``FLASHPORTRAIT_*`` environment)."""
+        return {"output_root": self.output_root, "settings": self.render.deployment_parameters()}
 
 
 def manifest_trigger(input_prefix: str) -> DeploymentEventTrigger:

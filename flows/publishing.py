@@ -56,10 +56,22 @@ class JobOutputs:
         return cls(storage.join_url(prefix, f"{job_id}.mp4"), storage.join_url(prefix, f"{job_id}.json"))
 
 
+# The job hash's schema. Rule for growing the settings without invalidating published outputs: a new setting or
+# manifest field gets a default that reproduces the old behaviour, and default-valued fields are left out of the hash,
+# so every earlier hash stays the same. Bump this (which re-renders everything once) only when the meaning of an
+# existing field changes or a default's output changes.
+JOB_HASH_SCHEMA = 2
+# Row fields that do not decide the output bits.
+_NOT_HASHED = {"line", "id", "warnings"}
+
+
 def job_hash(job: Job, run_parameters: dict[str, Any], fingerprints: dict[str, str]) -> str:
-    """SHA-256 of the canonical JSON of the job, the run's output-relevant parameters and the inputs' identities."""
+    """SHA-256 of the canonical JSON of the schema version, the job's fields set away from their defaults, the run's
+    output-relevant parameters (:meth:`RenderSettings.output_parameters`: also default-free) and the inputs'
+    identities."""
     payload = {
-        "job": job.model_dump(exclude={"line", "id", "warnings"}),
+        "schema": JOB_HASH_SCHEMA,
+        "job": job.model_dump(exclude=_NOT_HASHED, exclude_defaults=True),
         "run": run_parameters,
         "inputs": fingerprints,
     }

@@ -37,15 +37,14 @@ from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspec
 from flashportrait.infra.preflight import check_run
 from flashportrait.infra.redact import install_log_redaction, redact, redact_value
 from flashportrait.infra.tables import read_manifest_records, write_report
-from flashportrait.infra.urls import UrlPolicy
 from flashportrait.model.expression import get_extractor
 from flashportrait.model.expression.landmark import detect_face_box
-from flashportrait.model.loading import ModelSource, resolve_local
+from flashportrait.model.loading import resolve_local
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, StreamingResult
-from flashportrait.model.presets import DEFAULT_PRESET, get_preset
 
 from .manifest import Job, JobFailure, ManifestError, check_manifest_shape, parse_jobs
 from .publishing import Existing, JobOutputs, PublishConflict, check_existing, job_hash, publish_outputs
+from .settings import RenderSettings
 
 
 logger = logging.getLogger(__name__)
@@ -57,66 +56,6 @@ EXTRACTION_MAX_SIDE = 640
 # (job id, steps done, total steps): set by the CLI to drive its progress bar; None in deployments.
 ProgressSink = Callable[[str, int, int], None]
 progress_sink: ProgressSink | None = None
-
-
-class RenderSettings(BaseModel):
-    """How to render; the same for every job of a run (a row may override steps, size, fps, seed, prompt)."""
-
-    preset: str = DEFAULT_PRESET
-    extractor: str = "landmark"
-    workers: int = 2  # 0 = in-process single-device pipeline, no Ray
-    ray_address: str | None = None
-    steps: int | None = None
-    crf: int = 18
-    encoder_preset: str = "medium"
-    scratch_dir: str | None = None
-    force: bool = False  # re-render and replace outputs that are already published
-    # Keep the frames of a truncated or damaged driving video instead of failing the row (the sidecar says what was
-    # dropped). Off by default: damaged media fail closed.
-    lenient_decode: bool = False
-    alp: str | None = None  # Adaptive Latent Prediction preset (off, balanced, fast, paper); a row's "alp" wins
-    # The released model's files (both or neither); without them the preset's built-in weights are used.
-    base: str | None = None
-    flashportrait: str | None = None
-    fast: bool = False
-    dtype: str = "bfloat16"
-    # Input policy (what URLs rows may name) and resource limits; see infra/urls.py and infra/limits.py.
-    allowed_schemes: list[str] = ["s3", "file"]
-    allowed_http_hosts: list[str] = []
-    allowed_local_roots: list[str] = []
-    allowed_prefixes: list[str] = []
-    limits: dict[str, float] = {}  # overrides of Limits.from_env()
-
-    def url_policy(self) -> UrlPolicy:
-        return UrlPolicy(
-            allowed_schemes=frozenset(self.allowed_schemes),
-            http_hosts=frozenset(h.lower() for h in self.allowed_http_hosts),
-            local_roots=tuple(self.allowed_local_roots),
-            allowed_prefixes=tuple(self.allowed_prefixes),
-        )
-
-    def resource_limits(self) -> Limits:
-        return Limits.from_env(**self.limits)
-
-    def model_source(self) -> ModelSource:
-        return ModelSource(
-            preset=self.preset, base=self.base, flashportrait=self.flashportrait, dtype=self.dtype, fast=self.fast
-        )
-
-    def output_parameters(self) -> dict[str, Any]:
-        """The run-level settings that decide the output bits (they enter every job's hash)."""
-        preset = get_preset(self.preset)
-        return {
-            "model": self.model_source().describe(),
-            "alp": self.alp,
-            "preset": preset.name,
-            "preset_version": preset.version,
-            "extractor": self.extractor,
-            "steps": self.steps,
-            "crf": self.crf,
-            "lenient_decode": self.lenient_decode,
-            "encoder_preset": self.encoder_preset,
-        }
 
 
 @dataclass
@@ -326,11 +265,12 @@ def _fetch(url: str, dest: Path, field_name: str, limits: Limits) -> Path:
 
 def _extractor(settings: RenderSettings):
     """The expression extractor; PD-FGC reads its ONNX face models and encoder from the released files."""
-    if settings.extractor == "pdfgc":
+    name = settings.resolved_extractor
+    if name == "pdfgc":
         if settings.flashportrait is None:
             raise ValueError("--extractor pdfgc needs the released files (--flashportrait URL): its models are there")
         return get_extractor("pdfgc", model_dir=resolve_local(settings.flashportrait))
-    return get_extractor(settings.extractor)
+    return get_extractor(name)
 
 
 def _alp_total(result: StreamingResult, key: str) -> float:
@@ -410,7 +350,7 @@ def _sidecar(
             "width": outcome.width,
             "height": outcome.height,
             "fps": outcome.fps,
-            "extractor": settings.extractor,
+            "extractor": settings.resolved_extractor,
             "context_size": preset.sampling.context_size,
             "context_overlap": preset.sampling.context_overlap,
         },
@@ -592,35 +532,16 @@ def _render_rows(jobs: list[Job], output_prefix: str, settings: RenderSettings, 
 
 
 @flow(name="render-manifest")
-def render_manifest(
-    manifest_url: str,
-    output_prefix: str,
-    preset: str = DEFAULT_PRESET,
-    workers: int = 2,
-    ray_address: str | None = None,
-    extractor: str = "landmark",
-    steps: int | None = None,
-    force: bool = False,
-    alp: str | None = None,
-    settings: RenderSettings | None = None,
-) -> RunSummary:
+def render_manifest(manifest_url: str, output_prefix: str, settings: RenderSettings | None = None) -> RunSummary:
     """Render every valid row of the manifest at ``manifest_url`` to ``output_prefix``; write the run report.
 
     Idempotent: rows already published with the same job hash are skipped, so a re-run after a crash renders only
-    the rest, and a re-run of a finished manifest renders nothing (``force`` re-renders everything). ``settings``
-    (input policy, limits, encoder options) overrides the simple parameters when given.
+    the rest, and a re-run of a finished manifest renders nothing (``settings.force`` re-renders everything).
+    ``settings`` unset = the defaults with this process's ``FLASHPORTRAIT_*`` environment.
     """
     install_log_redaction_everywhere()
     log = get_run_logger()
-    settings = settings or RenderSettings(
-        preset=preset,
-        workers=workers,
-        ray_address=ray_address,
-        extractor=extractor,
-        steps=steps,
-        force=force,
-        alp=alp,
-    )
+    settings = settings or RenderSettings()
     check_run([manifest_url], output_prefix)  # credentials (no metadata-service call) and a writable output
     jobs, failures = read_manifest(manifest_url, settings)
     results = [RenderResult.failed(f) for f in failures]

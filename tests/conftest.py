@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from waiting import CEILING_S
 
 
 # Every process the tests start (Ray's raylet and workers, `ray start` nodes, flow subprocesses) inherits these,
@@ -73,5 +74,5 @@ def prefect_harness() -> Iterator[None]:
     """Prefect's own harness: a temporary database and API server for the whole session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=int(CEILING_S)):  # a loaded CI machine starts it slowly
         yield

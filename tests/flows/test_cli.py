@@ -56,7 +56,9 @@ def test_unusable_arguments_exit_2(tmp_path):
     assert run("batch", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)).returncode == 2
     assert run("render", "--reference", "x.png").returncode == 2  # argparse: --driving/--out missing
     proc = run("batch", "examples/manifest.jsonl", "--out", str(tmp_path), "--workers", "-1")
-    assert proc.returncode == 2 and "--workers must be ≥ 0" in proc.stderr
+    assert proc.returncode == 2 and "--workers: Input should be ≥ 0" in proc.stderr
+    proc = run("render", "--reference", "x.png", "--driving", "y.mp4", "--out", "z.mp4", "--crf", "60")
+    assert proc.returncode == 2 and "--crf: Input should be ≤ 51" in proc.stderr
 
 
 def test_batch_exit_code_1_when_a_row_fails(tmp_path):
@@ -73,8 +75,18 @@ def test_batch_exit_code_1_when_a_row_fails(tmp_path):
         + json.dumps({"id": "bad", "reference": str(ROOT / "examples/reference.png"), "driving": "missing.mp4"})
         + "\n"
     )
-    proc = run("batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "0", "--steps", "1",
-               "--allow-local-root", str(ROOT / "examples"))
+    proc = run(
+        "batch",
+        str(manifest),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "0",
+        "--steps",
+        "1",
+        "--allow-local-root",
+        str(ROOT / "examples"),
+    )
     assert proc.returncode == 1, proc.stderr
     assert (tmp_path / "out" / "ok.mp4").exists() and not (tmp_path / "out" / "bad.mp4").exists()
     assert "failed] bad" in proc.stdout

@@ -9,7 +9,6 @@ pixel extractor.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -38,10 +37,12 @@ from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
+from released_files import flashportrait_folder, official_transformer, original_layout_base
 
 from flashportrait.flows import deployments as dep
 from flashportrait.flows.cli import main
 from flashportrait.flows.render import render_manifest
+from flashportrait.flows.settings import RenderSettings
 from flashportrait.flows.watcher import ManifestVersion, ManifestWatcher, WatcherLedger, manifest_event
 from flashportrait.infra import storage
 
@@ -72,22 +73,16 @@ def test_settings_refuse_bad_schedules_and_overlapping_prefixes():
     with pytest.raises(ValueError, match="lies inside the input prefix"):
         dep.DeploymentSettings(input_prefix="s3://b/in", output_root="s3://b/in/out")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
-        dep.RenderOptions(preset="huge")
-    with pytest.raises(ValueError, match="workers must be ≥ 0"):
-        dep.RenderOptions(workers=-1)
-    with pytest.raises(ValueError, match="unknown ALP preset 'turbo'; use one of off, balanced"):
-        dep.RenderOptions(alp="turbo")
-    with pytest.raises(ValueError, match="unknown extractor 'eyeball'"):
-        dep.RenderOptions(extractor="eyeball")
+        dep.DeploymentSettings(**good, render={"preset": "huge"})
+    with pytest.raises(ValueError, match="workers"):
+        dep.DeploymentSettings(**good, render={"workers": -1})
 
 
 def test_deployments_carry_cron_timezone_trigger_and_parameters():
-    render_manifest_defaults = inspect.signature(render_manifest.fn).parameters
-    render_manifest_defaults = {name: p.default for name, p in render_manifest_defaults.items()}
     settings = dep.DeploymentSettings(
         input_prefix="s3://b/manifests",
         output_root="s3://b/out",
-        render=dep.RenderOptions(workers=4, ray_address="head:6379", steps=8, alp="balanced"),
+        render=RenderSettings(workers=4, ray_address="head:6379", steps=8, alp="balanced", force=True),
         cron="30 1 * * 1-5",
         timezone="Europe/Berlin",
     )
@@ -99,12 +94,8 @@ def test_deployments_carry_cron_timezone_trigger_and_parameters():
     assert bulk.parameters == {
         "input_prefix": "s3://b/manifests",
         "output_root": "s3://b/out",
-        "preset": render_manifest_defaults["preset"],  # the demo preset
-        "alp": "balanced",
-        "workers": 4,
-        "ray_address": "head:6379",
-        "extractor": render_manifest_defaults["extractor"],  # render-manifest's own default
-        "steps": 8,
+        # Only what differs from the defaults (the rest follows the worker's environment); force is per run.
+        "settings": {"alp": "balanced", "workers": 4, "ray_address": "head:6379", "steps": 8},
     }
     assert (on_event.flow_name, on_event.name) == ("render-manifest-version", "render-manifest")
     assert not on_event.schedules and "input_prefix" not in on_event.parameters
@@ -253,13 +244,15 @@ ROW = '{"id": "clip", "reference": "reference.png", "driving": "driving_short.mp
 def test_one_manifest_version_renders_once_and_a_replaced_one_not_at_all(prefect_harness, tmp_path):
     url = local_manifest(tmp_path / "in", "m.jsonl", ROW)
     out = tmp_path / "out"
-    stale = dep.render_manifest_version(url, str(out), manifest_etag="stale-etag", **FAST)
+    stale = dep.render_manifest_version(url, str(out), manifest_etag="stale-etag", settings=RenderSettings(**FAST))
     assert stale.status == "superseded" and "stale-etag →" in stale.reason and not out.exists()
     # An event without the ETag label templates "": the current version renders.
-    first = dep.render_manifest_version(url, str(out), manifest_etag="", **FAST)
+    first = dep.render_manifest_version(url, str(out), manifest_etag="", settings=RenderSettings(**FAST))
     assert (first.status, first.done, first.output_prefix) == ("rendered", 1, str(out / "m"))
     assert (out / "m" / "clip.mp4").exists()
-    again = dep.render_manifest_version(url, str(out), manifest_etag=dep.manifest_version(url), **FAST)
+    again = dep.render_manifest_version(
+        url, str(out), manifest_etag=dep.manifest_version(url), settings=RenderSettings(**FAST)
+    )
     assert again.status == "already-rendered" and again.done == 0
 
 
@@ -270,7 +263,7 @@ def test_bulk_render_isolates_bad_and_colliding_manifests(prefect_harness, tmp_p
     local_manifest(inputs, "twin.jsonl", ROW)
     local_manifest(inputs / "x", "twin.csv", "id,reference,driving\nclip,reference.png,driving_short.mp4\n")
     local_manifest(inputs, "empty.jsonl", "")
-    summary = dep.bulk_render(str(inputs), str(tmp_path / "out"), **FAST)
+    summary = dep.bulk_render(str(inputs), str(tmp_path / "out"), RenderSettings(**FAST))
     status = {Path(o.manifest).relative_to(inputs).as_posix(): o.status for o in summary.manifests}
     assert status == {"empty.jsonl": "failed", "ok.jsonl": "rendered", "twin.jsonl": "failed", "x/twin.csv": "failed"}
     reasons = {Path(o.manifest).name: o.reason for o in summary.manifests}
@@ -278,7 +271,7 @@ def test_bulk_render_isolates_bad_and_colliding_manifests(prefect_harness, tmp_p
     assert "shares the output prefix" in reasons["twin.csv"] and "rename one of them" in reasons["twin.jsonl"]
     assert (tmp_path / "out" / "ok" / "clip.mp4").exists() and not (tmp_path / "out" / "twin").exists()
     with pytest.raises(ValueError, match="lies inside the input prefix"):
-        dep.bulk_render(str(inputs), str(inputs / "out"), workers=0)
+        dep.bulk_render(str(inputs), str(inputs / "out"), RenderSettings(workers=0))
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +308,7 @@ def deployed(bucket: str, child_env: dict[str, str], tmp_path_factory) -> Iterat
     settings = dep.DeploymentSettings(
         input_prefix=f"s3://{bucket}/manifests/",
         output_root=f"s3://{bucket}/out",
-        render=dep.RenderOptions(**FAST),
+        render=RenderSettings(**FAST),
         cron="0 3 * * *",
         timezone="Europe/Berlin",
     )
@@ -336,7 +329,9 @@ def test_deploy_registers_schedule_trigger_and_pool(deployed, bucket):
     assert bulk.work_pool_name == render.work_pool_name == deployed["pool"]
     (schedule,) = bulk.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 3 * * *", "Europe/Berlin")
-    assert bulk.parameters["input_prefix"] == f"s3://{bucket}/manifests/" and bulk.parameters["workers"] == 0
+    assert (
+        bulk.parameters["input_prefix"] == f"s3://{bucket}/manifests/" and bulk.parameters["settings"]["workers"] == 0
+    )
     (automation,) = deployment_automations(render.id)
     assert automation.trigger.expect == {"flashportrait.manifest.created"}
     assert automation.trigger.match.model_dump() == {"prefect.resource.id": f"s3://{bucket}/manifests/*"}
@@ -379,7 +374,7 @@ def test_manifest_event_starts_exactly_one_run_and_the_same_event_again_none(dep
 @pytest.mark.slow
 def test_scheduled_bulk_run_renders_only_new_manifests(deployed, bucket):
     old = upload_manifest(bucket, "bulk/old.jsonl", "one")
-    summary = render_manifest(old, f"s3://{bucket}/bulk-out/old", **FAST)  # rendered before, by hand
+    summary = render_manifest(old, f"s3://{bucket}/bulk-out/old", RenderSettings(**FAST))  # rendered before, by hand
     assert summary.done == 1
     old_marker = boto3.client("s3").head_object(Bucket=bucket, Key="bulk-out/old/_manifest.json")["ETag"]
     new = upload_manifest(bucket, "bulk/nested/new.csv", "two")  # a CSV manifest, one folder down
@@ -399,6 +394,40 @@ def test_scheduled_bulk_run_renders_only_new_manifests(deployed, bucket):
     assert [child.parameters["manifest_url"] for child in children] == [new]  # no render-manifest run for old
     assert boto3.client("s3").head_object(Bucket=bucket, Key="bulk-out/old/_manifest.json")["ETag"] == old_marker
     assert {"bulk-out/new/two.mp4", "bulk-out/new/_manifest.json"} <= keys(bucket, "bulk-out/new/")
+
+
+@pytest.mark.slow
+def test_a_deployment_run_renders_the_released_model(deployed, bucket, tmp_path):
+    """The released model's settings (--base/--flashportrait/--dtype) travel as a deployment run's parameters and
+    the worker renders with them: tiny files in the official layouts stand in for the 14B ones."""
+    official = official_transformer()
+    base = original_layout_base(tmp_path / "Wan2.1-I2V-14B-720P", official)
+    files = flashportrait_folder(tmp_path / "FlashPortrait", official)
+    row = {
+        "id": "released",
+        "reference": f"s3://{bucket}/in/reference.png",
+        "driving": f"s3://{bucket}/in/driving_short.mp4",
+    }
+    boto3.client("s3").put_object(
+        Bucket=bucket, Key="released/m.jsonl", Body=(json.dumps({**row, "width": 64, "height": 64}) + "\n").encode()
+    )
+    settings = RenderSettings(
+        base=str(base), flashportrait=str(files), dtype="float32", workers=0, steps=1, extractor="landmark"
+    )
+    run = run_deployment(
+        "render-manifest-version/render-manifest",
+        parameters={
+            "manifest_url": f"s3://{bucket}/released/m.jsonl",
+            "output_root": f"s3://{bucket}/released-out",
+            "settings": settings.deployment_parameters(),
+        },
+        timeout=WAIT_S,
+        poll_interval=1,
+    )
+    assert run.state.is_completed(), f"{run.state}\n{deployed['log'].read_text()[-4000:]}"
+    sidecar = json.loads(storage.read_bytes(f"s3://{bucket}/released-out/m/released.json"))
+    assert sidecar["model"]["base"] == str(base) and sidecar["model"]["dtype"] == "float32"
+    assert sidecar["model_preset"] == "flashportrait-14b" and len(sidecar["weights_sha256"]["transformer.pt"]) == 64
 
 
 @pytest.fixture(scope="module")

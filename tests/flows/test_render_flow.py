@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flashportrait.flows.render import render_manifest
+from flashportrait.flows.settings import RenderSettings
 from flashportrait.infra import storage
 
 
@@ -45,7 +46,7 @@ def decode(bucket: str, key: str) -> tuple[int, int, int, float]:
 
 def test_flow_renders_s3_manifest_to_s3(s3_bucket, ray_cluster, prefect_harness):
     manifest = upload_inputs(s3_bucket)
-    summary = render_manifest(manifest, f"s3://{s3_bucket}/out", workers=2, steps=2, preset="tiny")
+    summary = render_manifest(manifest, f"s3://{s3_bucket}/out", RenderSettings(workers=2, steps=2, preset="tiny"))
     assert (summary.done, summary.failed) == (2, 2)
 
     # The MP4s decode with an independent reader: 61 driving frames (4·15+1) → 60 output frames; 17 → 16.
@@ -91,7 +92,7 @@ def test_job_failing_mid_upload_leaves_nothing_at_its_key(s3_bucket, ray_cluster
             yield FailingWriter(f, limit=1000) if url.endswith("/short.mp4") else f
 
     monkeypatch.setattr(storage, "atomic_write", flaky_atomic_write)
-    summary = render_manifest(manifest, f"s3://{s3_bucket}/out", workers=2, steps=1)
+    summary = render_manifest(manifest, f"s3://{s3_bucket}/out", RenderSettings(workers=2, steps=1))
     rows = {r["id"]: r for r in summary.results}
     assert rows["short"]["status"] == "failed" and "connection reset mid-upload" in rows["short"]["reason"]
     assert rows["talk"]["status"] == "done"

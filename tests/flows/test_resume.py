@@ -19,6 +19,7 @@ from waiting import CEILING_S, wait_for
 from flashportrait.flows.manifest import Job
 from flashportrait.flows.publishing import JobOutputs, PublishConflict, job_hash, publish_outputs
 from flashportrait.flows.render import is_manifest_rendered, render_manifest
+from flashportrait.flows.settings import RenderSettings
 from flashportrait.infra import storage
 
 
@@ -66,15 +67,15 @@ def check_outputs_decode(bucket: str, ids: list[str]) -> None:
 def test_rerun_skips_everything_and_force_rerenders(s3_bucket, prefect_harness):
     manifest = upload(s3_bucket, rows(2))
     out = f"s3://{s3_bucket}/out"
-    first = render_manifest(manifest, out, workers=0, steps=1)
+    first = render_manifest(manifest, out, RenderSettings(workers=0, steps=1))
     assert (first.done, first.skipped) == (2, 0) and is_manifest_rendered(manifest, out)
     stamps = last_modified(s3_bucket)
     time.sleep(1.1)  # S3 timestamps have 1-second resolution
-    second = render_manifest(manifest, out, workers=0, steps=1)
+    second = render_manifest(manifest, out, RenderSettings(workers=0, steps=1))
     assert (second.done, second.skipped) == (0, 2)
     assert all(r["reason"] == "already published with the same job hash" for r in second.results)
     assert last_modified(s3_bucket) == stamps
-    forced = render_manifest(manifest, out, workers=0, steps=1, force=True)
+    forced = render_manifest(manifest, out, RenderSettings(workers=0, steps=1, force=True))
     assert forced.done == 2
     assert all(last_modified(s3_bucket)[k] > stamps[k] for k in stamps)
     check_outputs_decode(s3_bucket, ["job-0", "job-1"])
@@ -83,8 +84,10 @@ def test_rerun_skips_everything_and_force_rerenders(s3_bucket, prefect_harness):
 def test_changed_parameters_refuse_to_overwrite(s3_bucket, prefect_harness):
     manifest = upload(s3_bucket, rows(1))
     out = f"s3://{s3_bucket}/out"
-    assert render_manifest(manifest, out, workers=0, steps=1).done == 1
-    changed = render_manifest(manifest, out, workers=0, steps=2)  # another step count → another job hash
+    assert render_manifest(manifest, out, RenderSettings(workers=0, steps=1)).done == 1
+    changed = render_manifest(
+        manifest, out, RenderSettings(workers=0, steps=2)
+    )  # another step count → another job hash
     (row,) = changed.results
     assert row["status"] == "failed" and "published from other inputs or parameters" in row["reason"]
     assert "--force" in row["reason"]
@@ -115,7 +118,7 @@ def test_killed_batch_resumes_only_the_rest(s3_bucket, tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=int(CEILING_S)):
-        resumed = render_manifest(manifest, out, workers=0, steps=2)
+        resumed = render_manifest(manifest, out, RenderSettings(workers=0, steps=2))
     statuses = {r["id"]: r["status"] for r in resumed.results}
     assert {k for k, v in statuses.items() if v == "skipped"} == {k[4:-5] for k in done_before}
     assert all(v in ("done", "skipped") for v in statuses.values()) and len(statuses) == 4

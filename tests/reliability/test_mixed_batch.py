@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from flashportrait.flows.render import render_manifest
+from flashportrait.flows.settings import RenderSettings
 
 from . import media_factory as mf
 
@@ -46,7 +47,7 @@ def test_bad_rows_fail_alone(s3_bucket, prefect_harness, tmp_path):
     ]
     s3.put_object(Bucket=s3_bucket, Key="in/m.jsonl", Body=("\n".join(rows) + "\n").encode())
     out = f"s3://{s3_bucket}/out"
-    summary = render_manifest(f"s3://{s3_bucket}/in/m.jsonl", out, workers=0, steps=1)
+    summary = render_manifest(f"s3://{s3_bucket}/in/m.jsonl", out, RenderSettings(workers=0, steps=1))
 
     by_line = {r["line"]: r for r in summary.results}
     assert len(by_line) == len(rows)  # every row has exactly one terminal status
@@ -83,7 +84,7 @@ def test_bad_rows_fail_alone(s3_bucket, prefect_harness, tmp_path):
         with av.open(io.BytesIO(s3.get_object(Bucket=s3_bucket, Key=f"out/{job_id}.mp4")["Body"].read())) as c:
             assert sum(1 for _ in c.decode(c.streams.video[0])) == sidecar["result"]["frames"] == 16
 
-    again = render_manifest(f"s3://{s3_bucket}/in/m.jsonl", out, workers=0, steps=1)
+    again = render_manifest(f"s3://{s3_bucket}/in/m.jsonl", out, RenderSettings(workers=0, steps=1))
     statuses = {r["line"]: r["status"] for r in again.results}
     assert statuses[1] == statuses[12] == "skipped"  # a re-run renders exactly what is not done
     assert all(statuses[line] == "failed" for line in expected)
@@ -94,7 +95,6 @@ def test_row_timeout_fails_the_row_not_the_batch(tmp_path, prefect_harness):
         (tmp_path / name).write_bytes((EXAMPLES / name).read_bytes())
     rows = [{"id": "slow", "reference": "reference.png", "driving": "driving_short.mp4", "steps": 50}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from flashportrait.flows.render import RenderSettings
 
     settings = RenderSettings(workers=0, limits={"row_timeout_s": 0.01})
     summary = render_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), settings=settings)
@@ -110,7 +110,6 @@ def test_truncated_driving_video_fails_closed_unless_lenient(tmp_path, prefect_h
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"id": "cut", "reference": "reference.png", "driving": "cut.mp4"}) + "\n"
     )
-    from flashportrait.flows.render import RenderSettings
 
     strict = render_manifest(
         str(tmp_path / "m.jsonl"), str(tmp_path / "strict"), settings=RenderSettings(workers=0, steps=1)
