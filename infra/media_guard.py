@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -73,6 +74,22 @@ def inspect_video(path: str | Path, limits: Limits, *, field_name: str = "drivin
     """Probe the video's container and stream headers in the sandbox and check them against ``limits``."""
     result = _run_worker(["video", str(path), json.dumps(asdict(limits))], limits, field_name)
     return VideoInspection(**result)
+
+
+def output_fps(row_fps: float | None, source_fps: float, limits: Limits) -> float:
+    """The rate a row renders at: its ``fps``, else the driving video's own rate — except that a source above
+    ``max_fps`` (a 240 fps slow-motion clip) renders at the largest whole fraction of its rate within ``max_fps``
+    (240 → 120, 1000 → 111.1), so the decoder keeps every k-th frame instead of refusing the row.
+
+    Only the default moves: a row that asks for more than ``max_fps`` is still refused by the output-fps check.
+    """
+    if row_fps:
+        return float(row_fps)
+    if not source_fps > 0:
+        raise MediaRejected(f"driving: no usable frame rate ({source_fps:g} fps); set the row's fps or re-encode it")
+    if source_fps <= limits.max_fps:
+        return float(source_fps)
+    return source_fps / math.ceil(source_fps / limits.max_fps)
 
 
 def sandbox_limits(limits: Limits) -> callable:

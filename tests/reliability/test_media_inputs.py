@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from flashportrait.infra.limits import Limits
-from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video
+from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video, output_fps
 from flashportrait.infra.video_io import DecodeReport, FFmpegError, iter_frames
 
 from . import media_factory as mf
@@ -178,3 +178,25 @@ def test_corrupt_packets_under_lenient_decode_render_and_say_what_was_concealed(
     frames = list(iter_frames(corrupt, lenient=report))
     assert len(frames) == 48 and report.damaged and report.frames_kept == 48 and report.frames_dropped == 0
     assert report.decoder_errors > 0 and "the decoder concealed" in report.problem and "[error]" in report.problem
+
+
+@pytest.mark.parametrize(
+    ("row_fps", "source_fps", "expected"),
+    [
+        (None, 240.0, 120.0),  # slow motion: every 2nd frame
+        (None, 960.0, 120.0),
+        (None, 1000.0, 1000 / 9),  # the largest whole fraction within max_fps
+        (None, 119.88, 119.88),
+        (None, 29.97, 29.97),
+        (24.0, 240.0, 24.0),  # the row's fps wins
+    ],
+)
+def test_output_fps_of_fast_driving_videos(row_fps, source_fps, expected):
+    assert output_fps(row_fps, source_fps, LIMITS) == pytest.approx(expected)
+
+
+def test_a_240_fps_slow_motion_clip_is_resampled_not_refused(tmp_path):
+    info = inspect_video(mf.test_clip(tmp_path / "slomo.mp4", fps=240, frames=96), LIMITS)  # 0.4 s
+    fps = output_fps(None, info.fps, LIMITS)
+    assert info.fps == 240.0 and fps == 120.0 and LIMITS.min_fps <= fps <= LIMITS.max_fps
+    assert len(list(iter_frames(tmp_path / "slomo.mp4", fps=fps, info=info.video_info()))) == 48
