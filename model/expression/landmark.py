@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import dlib
@@ -64,7 +65,8 @@ Box = tuple[float, float, float, float]  # (left, top, right, bottom) in frame p
 
 
 class NoFaceError(ValueError):
-    """A driving video (or too much of it) shows no detectable face; the message names the input and the fix."""
+    """A driving video (or too much of it), or a reference image, shows no detectable face; the message names the
+    input and the fix."""
 
 
 def model_file(name: str) -> Path:
@@ -185,6 +187,23 @@ def detect_face_box(
     left, top = np.floor(points.min(axis=0)).astype(int)
     right, bottom = np.ceil(points.max(axis=0)).astype(int) + 1
     return int(max(left, 0)), int(max(top, 0)), int(min(right, width)), int(min(bottom, height))
+
+
+def reference_face_box(
+    image: np.ndarray, *, allow_faceless: bool = False, source: str = "reference", **detect: Any
+) -> tuple[int, int, int, int] | None:
+    """:func:`detect_face_box` for a row's reference image, failing closed: no face raises :class:`NoFaceError`
+    (the model would animate whatever the centred crop holds), unless ``allow_faceless``, which returns None (the
+    caller then uses a centred crop and records that no face box was found)."""
+    box = detect_face_box(image, **detect)
+    if box is None and not allow_faceless:
+        height, width = image.shape[:2]
+        raise NoFaceError(
+            f"{source}: no face found in the {width}x{height} image; use a portrait that shows one roughly frontal "
+            "face (at least ~1/8 of the image wide), or set --allow-faceless-reference to render it anyway with a "
+            "centred crop"
+        )
+    return box
 
 
 # ---- tracking ---------------------------------------------------------------------------------------------------

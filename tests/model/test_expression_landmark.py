@@ -23,6 +23,7 @@ from flashportrait.model.expression.landmark import (
     detect_faces,
     model_file,
     predict_landmarks,
+    reference_face_box,
     savgol_smooth,
 )
 from flashportrait.model.expression.landmark_features import expression_features
@@ -173,6 +174,14 @@ class TestFaces:
         expected = (*np.floor(ASTRONAUT_LANDMARKS.min(0)), *np.ceil(ASTRONAUT_LANDMARKS.max(0)) + 1)
         assert box is not None and np.abs(np.subtract(box, expected)).max() <= 3
         assert detect_face_box(np.full((120, 160, 3), 90, dtype=np.uint8)) is None
+
+    def test_a_reference_without_a_face_fails_unless_allowed(self) -> None:
+        portrait = astronaut_portrait(256)
+        assert reference_face_box(portrait) == detect_face_box(portrait) is not None
+        landscape = np.tile(np.linspace(40, 220, 320, dtype=np.uint8)[None, :, None], (240, 1, 3))  # no face
+        with pytest.raises(NoFaceError, match=r"reference: no face found in the 320x240 image; .*allow-faceless"):
+            reference_face_box(landscape)
+        assert reference_face_box(landscape, allow_faceless=True) is None
 
     def test_several_faces_largest_or_central(self) -> None:
         canvas = np.full((256, 640, 3), 235, dtype=np.uint8)
