@@ -144,13 +144,16 @@ class RayDenoiseBackend:
         # ALP's schedule is resolved here (a planned schedule's calibration runs on the workers once per model) and
         # travels to every worker inside the conditioning inputs, so workers never decide it differently.
         alp_plan, seconds_calibration = resolve_alp_plan(request, self.preset, plan, self._calibration_run)
-        latents, calls, alp_windows, busy, workers = self._denoise(request, plan, alp_plan, progress)
+        latents, calls, seconds_transformer, alp_windows, busy, workers = self._denoise(
+            request, plan, alp_plan, progress
+        )
         denoised = time.perf_counter()
         stats = GenerationStats(
             transformer_calls=calls,
             windows=len(plan.windows),
             steps=request.sampling_config(self.preset).num_inference_steps,
             seconds_denoising=denoised - start,
+            seconds_transformer=seconds_transformer,
             seconds_orchestration=max(0.0, (denoised - start) - seconds_calibration - busy),
             extra={"workers": workers},
         )
@@ -185,9 +188,9 @@ class RayDenoiseBackend:
         plan: WindowPlan,
         alp_plan: AlpPlan | None,
         progress: ProgressCallback | None,
-    ) -> tuple[np.ndarray, int, list[AlpWindowStats], float, int]:
-        """The step loop; returns (latents, transformer calls, ALP window stats, seconds waiting on workers,
-        workers)."""
+    ) -> tuple[np.ndarray, int, float, list[AlpWindowStats], float, int]:
+        """The step loop; returns (latents, transformer calls, seconds in transformer passes, ALP window stats,
+        seconds waiting on workers, workers)."""
         inputs_ref = ray.put(request.conditioning_inputs(self.preset, alp_plan))
         steps = request.sampling_config(self.preset).num_inference_steps
         shards = [
@@ -200,7 +203,7 @@ class RayDenoiseBackend:
         height, width = request.reference.shape[:2]
         latents = initial_noise(request.seed, (1, z, plan.num_latent_frames, height // 8, width // 8)).numpy()
         busy = 0.0
-        calls = 0
+        calls, seconds_transformer = 0, 0.0
         try:
             for step in range(steps):
                 refs = [
@@ -210,8 +213,9 @@ class RayDenoiseBackend:
                     for actor, shard in shards
                 ]
                 t0 = time.perf_counter()
-                stepped, step_calls = self._gather(refs, job_key, step)
+                stepped, step_calls, step_seconds = self._gather(refs, job_key, step)
                 calls += step_calls
+                seconds_transformer += step_seconds
                 busy += time.perf_counter() - t0
                 latents = blend_overlaps(plan, _as_tensors(stepped)).numpy()
                 if progress is not None:
@@ -222,11 +226,11 @@ class RayDenoiseBackend:
         finally:
             for actor, _ in shards:
                 actor.release.remote(job_key)
-        return latents, calls, alp_windows, busy, len(shards)
+        return latents, calls, seconds_transformer, alp_windows, busy, len(shards)
 
-    def _gather(self, refs: list, job_key: str, step: int) -> tuple[dict[int, np.ndarray], int]:
+    def _gather(self, refs: list, job_key: str, step: int) -> tuple[dict[int, np.ndarray], int, float]:
         """Wait on every shard at once (never one blocking get at a time) with a deadline; merged latents and the
-        step's transformer calls."""
+        step's transformer calls and seconds."""
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.pool.settings.step_timeout_s)
         if pending:
             raise BackendUnavailable(
@@ -234,16 +238,17 @@ class RayDenoiseBackend:
                 f"{self.pool.settings.step_timeout_s:.0f} s"
             )
         merged: dict[int, np.ndarray] = {}
-        calls = 0
+        calls, seconds = 0, 0.0
         try:
             for part in ray.get(ready):
                 merged.update(part.latents)
                 calls += part.transformer_calls
+                seconds += part.seconds_transformer
         except (RayActorError, RaySystemError, ObjectLostError) as exc:
             raise BackendUnavailable(
                 f"job {job_key}: a worker died at step {step} and could not be restarted ({type(exc).__name__})"
             ) from exc
-        return merged, calls
+        return merged, calls, seconds
 
 
 def _as_tensors(arrays: dict[int, np.ndarray]):

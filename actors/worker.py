@@ -57,6 +57,7 @@ def _injected_device_fault(step_index: int) -> None:
 class StepResult:
     latents: dict[int, np.ndarray]  # window index → stepped latents
     transformer_calls: int
+    seconds_transformer: float = 0.0
 
 
 class WindowWorker:
@@ -103,7 +104,7 @@ class WindowWorker:
         from flashportrait.model import runtime
 
         denoiser, grid = self._job(job_key, inputs, windows)
-        calls_before = denoiser.transformer_calls
+        calls_before, seconds_before = denoiser.transformer_calls, denoiser.seconds_transformer
         try:
             _injected_device_fault(step_index)
             stepped = step_windows(denoiser, runtime.tensors_from_numpy(window_latents), grid, step_index)
@@ -113,7 +114,11 @@ class WindowWorker:
                 logger.error("fatal device error in job %s step %d: %s; exiting for restart", job_key, step_index, exc)
                 os._exit(1)
             raise
-        return StepResult({k: v.numpy() for k, v in stepped.items()}, denoiser.transformer_calls - calls_before)
+        return StepResult(
+            {k: v.numpy() for k, v in stepped.items()},
+            denoiser.transformer_calls - calls_before,
+            denoiser.seconds_transformer - seconds_before,
+        )
 
     def alp_window_stats(self, job_key: str) -> list[AlpWindowStats]:
         """ALP's per-window statistics for the windows this worker advanced (empty without ALP)."""

@@ -234,8 +234,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
             alp_predicted_steps=_alp_total(result, "predicted_steps"),
             alp_block_equivalents=_alp_total(result, "block_equivalents"),
             alp_state_bytes_peak=_alp_total(result, "state_bytes_peak"),
-            seconds_transformer=_alp_total(result, "seconds_transformer_full")
-            + _alp_total(result, "seconds_transformer_predicted"),
+            seconds_transformer=result.stats.seconds_transformer,
         )
         outcome.seconds_total = time.perf_counter() - started
         published = publish_outputs(

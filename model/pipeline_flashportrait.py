@@ -142,6 +142,7 @@ class GenerationStats:
     windows: int = 0
     steps: int = 0
     seconds_denoising: float = 0.0
+    seconds_transformer: float = 0.0  # of seconds_denoising, in transformer passes (summed over workers)
     seconds_decoding: float = 0.0
     seconds_orchestration: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -189,6 +190,7 @@ class FlashPortraitPipeline:
             windows=len(plan.windows),
             steps=request.sampling_config(self.preset).num_inference_steps,
             seconds_denoising=time.perf_counter() - start,
+            seconds_transformer=denoiser.seconds_transformer,
         )
         if alp_plan is not None:
             stats.alp = AlpJobStats.collect(alp_plan, denoiser.alp_window_stats(), seconds_calibration)

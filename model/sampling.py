@@ -139,6 +139,7 @@ class WindowDenoiser:
         self._condition_by_length: dict[int, torch.Tensor] = {}
         self._tokens: dict[int, torch.Tensor] = {}
         self.transformer_calls = 0  # full transformer passes (an ALP-predicted pass runs no block and is not one)
+        self.seconds_transformer = 0.0  # wall time in transformer passes, full and predicted (ALP or not)
         self.alp: AdaptiveLatentPrediction | None = None
         plan = self.sampling.alp
         if plan is not None:
@@ -221,6 +222,7 @@ class WindowDenoiser:
             self.transformer_calls += int(full)
             if cache is not None:
                 alp.seconds_alp += cache.seconds
+        self.seconds_transformer += seconds
         if alp is not None:
             if full:
                 alp.seconds_full += seconds

@@ -47,4 +47,5 @@ def test_two_workers_equal_single_device(pool):
     single = FlashPortraitPipeline.from_preset("tiny")(make_request())
     assert distributed.stats.windows == 3 and distributed.stats.extra["workers"] == 2
     assert distributed.stats.transformer_calls == single.stats.transformer_calls == 3 * 3 * 2
+    assert distributed.stats.seconds_transformer > 0 and single.stats.seconds_transformer > 0  # summed over workers
     assert np.array_equal(distributed.frames, single.frames)

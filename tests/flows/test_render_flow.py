@@ -56,6 +56,7 @@ def test_flow_renders_s3_manifest_to_s3(s3_bucket, ray_cluster, prefect_harness)
     sidecar = json.loads(storage.read_bytes(f"s3://{s3_bucket}/out/talk.json"))
     assert sidecar["parameters"]["seed"] == 1 and sidecar["model_preset"] == "tiny"
     assert sidecar["result"]["transformer_calls"] == 2 * 5 * 2  # steps × windows (16 latent frames) × streams
+    assert 0 < sidecar["result"]["seconds_transformer"] < sidecar["result"]["seconds_denoising"] * 2  # ALP off too
     assert sidecar["result"]["extra"]["workers"] == 2
 
     with storage.filesystem_for(summary.report_parquet)[0].open(summary.report_parquet.removeprefix("s3://")) as f:
