@@ -33,12 +33,12 @@ from flashportrait.actors.errors import BackendUnavailable
 from flashportrait.infra import storage, video_io
 from flashportrait.infra.images import fit_image
 from flashportrait.infra.limits import Limits
-from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video, sandbox_limits
+from flashportrait.infra.media_guard import MediaRejected, inspect_image, inspect_video, output_fps, sandbox_limits
 from flashportrait.infra.preflight import check_run
 from flashportrait.infra.redact import install_log_redaction, redact, redact_value
 from flashportrait.infra.tables import read_manifest_records, write_report
 from flashportrait.model.expression import get_extractor
-from flashportrait.model.expression.landmark import detect_face_box
+from flashportrait.model.expression.landmark import NoFaceError, reference_face_box
 from flashportrait.model.loading import resolve_local
 from flashportrait.model.pipeline_flashportrait import FlashPortraitPipeline, GenerationRequest, StreamingResult
 
@@ -88,6 +88,7 @@ class RenderResult:
     model_version: str = ""
     weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: str = ""  # the row's own ("; "-joined: unknown manifest fields), a column of the report
 
     @classmethod
     def failed(cls, failure: JobFailure) -> RenderResult:
@@ -109,8 +110,17 @@ TERMINAL_FOR_MANIFEST = {"done", "skipped", "failed"}
 def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: RenderSettings) -> RenderResult:
     """Render ``job`` and publish its video and sidecar, unless they are already published with the same hash.
 
-    Nothing appears at either key unless it is complete (see ``flows.publishing``).
+    Nothing appears at either key unless it is complete (see ``flows.publishing``). The row's warnings (unknown
+    manifest fields: a typo such as ``sed`` for ``seed`` renders with the default) go to the log and the result.
     """
+    for warning in job.warnings:
+        logger.warning("job %s (line %d): %s", job.id, job.line, warning)
+    result = _render_and_publish(job, outputs, backend, settings)
+    result.warnings = "; ".join(job.warnings)
+    return result
+
+
+def _render_and_publish(job: Job, outputs: JobOutputs, backend: Backend, settings: RenderSettings) -> RenderResult:
     started = time.perf_counter()
     preset = backend.preset
     width = job.width or preset.sampling.width
@@ -142,7 +152,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         reference_path = _fetch(job.reference, scratch_dir / f"reference{_suffix(job.reference)}", "reference", limits)
         driving_path = _fetch(job.driving, scratch_dir / f"driving{_suffix(job.driving)}", "driving", limits)
         info = inspect_video(driving_path, limits)
-        fps = float(job.fps or info.fps)
+        fps = output_fps(job.fps, info.fps, limits)  # a 240 fps source renders at 120
         _check_output_fps(fps, info.duration, limits)
         reference_pixels, reference_info = inspect_image(reference_path, scratch_dir / "reference.npy", limits)
         # 2. Driving video streamed at the job's fps (default: its own) through a sandboxed ffmpeg, at a size faces
@@ -160,9 +170,9 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
         features = _extractor(settings).extract(frames, source=redact(job.driving))
         features = features[: video_io.largest_4k_plus_1(len(features))]
         # 3. Reference (the sandbox's decode) fitted to the model resolution around the detected face.
-        face_box = detect_face_box(reference_pixels)
+        face_box = reference_face_box(reference_pixels, allow_faceless=settings.allow_faceless_reference)
         if face_box is None:
-            logger.warning("job %s: no face found in the reference; using a centred crop", job.id)
+            logger.warning("job %s: no face found in the reference; using a centred crop (allowed)", job.id)
         reference = fit_image(Image.fromarray(reference_pixels), width, height, face_box=face_box)
         # 4. Denoise + decode.
         request = GenerationRequest(
@@ -226,6 +236,7 @@ def render_job(job: Job, outputs: JobOutputs, backend: Backend, settings: Render
                     "frames_kept": decode_report.frames_kept,
                     "frames_dropped": decode_report.frames_dropped,
                     "problem": decode_report.problem,
+                    "decoder_errors": decode_report.decoder_errors,
                 },
                 **result.stats.extra,
             },
@@ -435,11 +446,11 @@ def render_job_task(job: Job, output_prefix: str, backend: Backend, settings: Re
     except (BackendUnavailable, RunCancelled, KeyboardInterrupt):
         raise
     except Exception as exc:  # one bad job never sinks the batch; its reason goes to the report
-        known = MediaRejected | PublishConflict | RowTimeout
+        known = MediaRejected | NoFaceError | PublishConflict | RowTimeout
         detail = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
         reason = redact(f"row {job.id!r}: {detail}")
         log.error("job %s (line %d) failed: %s", job.id, job.line, reason)
-        return RenderResult(job.id, job.line, "failed", reason)
+        return RenderResult(job.id, job.line, "failed", reason, warnings="; ".join(job.warnings))
     log.info("job %s: %s %s", job.id, result.status, result.reason or f"in {result.seconds_total:.1f} s")
     return result
 

@@ -124,6 +124,12 @@ class RenderSettings(BaseSettings):
         "sidecar records what was dropped (default: fail closed)",
         json_schema_extra=_cli(output=True),
     )
+    allow_faceless_reference: bool = Field(
+        False,
+        description="render a row whose reference image shows no face, with a centred crop, instead of failing it "
+        "(default: fail the row)",
+        json_schema_extra=_cli(output=False),
+    )
     # Where and how to run (not part of the output's identity)
     workers: int = Field(
         2,
@@ -290,6 +296,7 @@ _GROUPS = {
     "released model": ("base", "flashportrait", "fast", "dtype"),
     "input policy and limits": (
         "lenient_decode",
+        "allow_faceless_reference",
         "allowed_schemes",
         "allowed_http_hosts",
         "allowed_local_roots",

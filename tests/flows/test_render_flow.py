@@ -27,7 +27,7 @@ def upload_inputs(bucket: str) -> str:
         s3.upload_file(str(EXAMPLES / name), bucket, f"in/{name}")
     rows = [
         {"id": "talk", "reference": "reference.png", "driving": "driving_talk.mp4", "seed": 1, "prompt": "talking"},
-        {"id": "missing", "reference": "reference.png", "driving": "nope.mp4"},
+        {"id": "missing", "reference": "reference.png", "driving": "nope.mp4", "sed": 3},
         {"id": "short", "reference": "reference.png", "driving": "driving_short.mp4", "seed": 2},
         {"id": "bad-seed", "reference": "reference.png", "driving": "driving_short.mp4", "seed": "x"},
     ]
@@ -63,6 +63,7 @@ def test_flow_renders_s3_manifest_to_s3(s3_bucket, ray_cluster, prefect_harness)
         report = {row["id"]: row for row in pq.read_table(f).to_pylist()}
     assert report["talk"]["status"] == "done" and report["short"]["status"] == "done"
     assert report["missing"]["status"] == "failed" and "nope.mp4" in report["missing"]["reason"]
+    assert report["missing"]["warnings"] == "unknown field 'sed' ignored" and report["talk"]["warnings"] == ""
     assert report["bad-seed"]["status"] == "failed"
     assert "line 4" in report["bad-seed"]["reason"] and "seed must be an integer" in report["bad-seed"]["reason"]
     assert storage.exists(summary.report_html)

@@ -125,3 +125,39 @@ def test_truncated_driving_video_fails_closed_unless_lenient(tmp_path, prefect_h
     assert row["status"] == "done", row["reason"]
     damaged = json.loads((tmp_path / "lenient" / "cut.json").read_text())["result"]["extra"]["driving_damaged"]
     assert damaged["frames_dropped"] > 0 and damaged["frames_kept"] >= 5
+
+
+def test_inputs_as_users_send_them(tmp_path, prefect_harness):
+    """A phone photo and a 240 fps slow-motion clip render; a reference without a face and a driving video with
+    corrupt packets fail with their reason; the manifest is a spreadsheet's UTF-16 export (with a BOM)."""
+    mf.phone_photo(tmp_path / "phone.jpg", (4000, 3000))  # 12 Mpx
+    (tmp_path / "reference.png").write_bytes((EXAMPLES / "reference.png").read_bytes())
+    (tmp_path / "driving.mp4").write_bytes((EXAMPLES / "driving_short.mp4").read_bytes())
+    mf.test_clip(tmp_path / "slowmo.mp4", frames=68, fps=240)  # ≈ 0.28 s → 34 frames at 120 fps
+    Image.new("RGB", (256, 256), (40, 90, 160)).save(tmp_path / "wall.png")
+    mf.corrupt_packets(EXAMPLES / "driving_talk.mp4", tmp_path / "damaged.mp4")
+    rows = [
+        {"id": "phone", "reference": "phone.jpg", "driving": "driving.mp4"},
+        {"id": "slowmo", "reference": "reference.png", "driving": "slowmo.mp4"},
+        {"id": "faceless", "reference": "wall.png", "driving": "driving.mp4"},
+        {"id": "damaged", "reference": "reference.png", "driving": "damaged.mp4"},
+    ]
+    (tmp_path / "m.jsonl").write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode("utf-16"))
+
+    settings = RenderSettings(workers=0, steps=1, preset="tiny", extractor="pixel")
+    summary = render_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), settings=settings)
+    by_id = {r["id"]: r for r in summary.results}
+    assert by_id["phone"]["status"] == by_id["slowmo"]["status"] == "done", summary.results
+    phone = json.loads((tmp_path / "out" / "phone.json").read_text())
+    assert "downscaled from 4000x3000" in json.dumps(phone)
+    assert json.loads((tmp_path / "out" / "slowmo.json").read_text())["result"]["fps"] == 120.0
+    assert by_id["faceless"]["status"] == "failed" and "no face found" in by_id["faceless"]["reason"]
+    assert by_id["damaged"]["status"] == "failed" and "decoder reported" in by_id["damaged"]["reason"]
+
+    allowed = RenderSettings(
+        workers=0, steps=1, preset="tiny", extractor="pixel", allow_faceless_reference=True, lenient_decode=True
+    )
+    again = render_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "allowed"), settings=allowed)
+    assert all(r["status"] == "done" for r in again.results), again.results
+    damaged = json.loads((tmp_path / "allowed" / "damaged.json").read_text())
+    assert "decoder_errors" in json.dumps(damaged)
