@@ -142,11 +142,12 @@ TINY = ModelPreset(
     notes="Randomly initialised from a fixed seed: renders structured noise, not a portrait.",
 )
 
-# The demo model: trained here, on CPU, by `flashportrait train training/demo.toml` (model/training/) on synthetic
-# pseudo-identities; the embedded default of `make demo` and `flashportrait render`. 96×96 at 12 fps.
+# The demo model: trained here, on CPU, by our trainer (model/training/: `flashportrait train` of demo-v1.toml, then
+# of demo.toml, which continues it) on synthetic pseudo-identities; the embedded default of `make demo` and
+# `flashportrait render`. 96×96 at 12 fps.
 DEMO = ModelPreset(
     name="demo",
-    version="demo-v1",
+    version="demo-v2",
     transformer=dict(
         patch_size=(1, 2, 2),
         num_attention_heads=4,
@@ -195,8 +196,8 @@ DEMO = ModelPreset(
         fps=12.0,
     ),
     init_seed=20261203,
-    weights="weights/demo-v1.safetensors",
-    weights_sha256="45478051a65379993917a1a3ecebf171050540f46e39c21e1283f74785da901b",
+    weights="weights/demo-v2.safetensors",
+    weights_sha256="af0b152aa0c5ca52e157bc0f377bcb9a424113c726e06b85e5607f4a81c7242d",
     notes="Trained on CPU on synthetic pseudo-identities (model/training/): animates a frontal face at 96×96.",
 )
 
