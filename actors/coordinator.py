@@ -128,6 +128,18 @@ def assign_windows(windows: Sequence[Window], workers: int) -> list[list[Window]
     return shards
 
 
+@dataclass
+class _DenoiseRun:
+    """What the step loop over the workers returns (named: a bare tuple of six drifted once)."""
+
+    latents: np.ndarray
+    transformer_calls: int
+    seconds_transformer: float  # summed over the workers
+    alp_windows: list[AlpWindowStats]
+    seconds_waiting: float  # on the workers' steps
+    workers: int
+
+
 class RayDenoiseBackend:
     """Generates one video with its windows sharded over a ``WorkerPool``."""
 
@@ -144,22 +156,20 @@ class RayDenoiseBackend:
         # ALP's schedule is resolved here (a planned schedule's calibration runs on the workers once per model) and
         # travels to every worker inside the conditioning inputs, so workers never decide it differently.
         alp_plan, seconds_calibration = resolve_alp_plan(request, self.preset, plan, self._calibration_run)
-        latents, calls, seconds_transformer, alp_windows, busy, workers = self._denoise(
-            request, plan, alp_plan, progress
-        )
+        run = self._denoise(request, plan, alp_plan, progress)
         denoised = time.perf_counter()
         stats = GenerationStats(
-            transformer_calls=calls,
+            transformer_calls=run.transformer_calls,
             windows=len(plan.windows),
             steps=request.sampling_config(self.preset).num_inference_steps,
             seconds_denoising=denoised - start,
-            seconds_transformer=seconds_transformer,
-            seconds_orchestration=max(0.0, (denoised - start) - seconds_calibration - busy),
-            extra={"workers": workers},
+            seconds_transformer=run.seconds_transformer,
+            seconds_orchestration=max(0.0, (denoised - start) - seconds_calibration - run.seconds_waiting),
+            extra={"workers": run.workers},
         )
         if alp_plan is not None:
-            stats.alp = AlpJobStats.collect(alp_plan, alp_windows, seconds_calibration)
-        chunks = self._decoded_chunks(latents)
+            stats.alp = AlpJobStats.collect(alp_plan, run.alp_windows, seconds_calibration)
+        chunks = self._decoded_chunks(run.latents)
         return StreamingResult(stats, output_frames(chunks, stats))
 
     def __call__(self, request: GenerationRequest, progress: ProgressCallback | None = None) -> GenerationResult:
@@ -179,8 +189,8 @@ class RayDenoiseBackend:
             del ref
 
     def _calibration_run(self, request: GenerationRequest, alp_plan: AlpPlan) -> AlpJobStats:
-        _, _, alp_windows, _, _ = self._denoise(request, request.window_plan(self.preset), alp_plan, None)
-        return AlpJobStats.collect(alp_plan, alp_windows)
+        run = self._denoise(request, request.window_plan(self.preset), alp_plan, None)
+        return AlpJobStats.collect(alp_plan, run.alp_windows)
 
     def _denoise(
         self,
@@ -188,9 +198,8 @@ class RayDenoiseBackend:
         plan: WindowPlan,
         alp_plan: AlpPlan | None,
         progress: ProgressCallback | None,
-    ) -> tuple[np.ndarray, int, float, list[AlpWindowStats], float, int]:
-        """The step loop; returns (latents, transformer calls, seconds in transformer passes, ALP window stats,
-        seconds waiting on workers, workers)."""
+    ) -> _DenoiseRun:
+        """The step loop over the workers."""
         inputs_ref = ray.put(request.conditioning_inputs(self.preset, alp_plan))
         steps = request.sampling_config(self.preset).num_inference_steps
         shards = [
@@ -226,7 +235,7 @@ class RayDenoiseBackend:
         finally:
             for actor, _ in shards:
                 actor.release.remote(job_key)
-        return latents, calls, seconds_transformer, alp_windows, busy, len(shards)
+        return _DenoiseRun(latents, calls, seconds_transformer, alp_windows, busy, len(shards))
 
     def _gather(self, refs: list, job_key: str, step: int) -> tuple[dict[int, np.ndarray], int, float]:
         """Wait on every shard at once (never one blocking get at a time) with a deadline; merged latents and the
