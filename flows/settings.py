@@ -18,7 +18,7 @@ import os
 from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flashportrait.infra.limits import Limits, env_name, flag
@@ -180,32 +180,15 @@ class RenderSettings(BaseSettings):
         json_schema_extra=_cli(),
     )
 
-    @field_validator("preset")
+    @field_validator("preset", "alp", "extractor", "encoder_preset")
     @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown preset {value!r}; use one of {', '.join(sorted(PRESETS))}")
-        return value
-
-    @field_validator("alp")
-    @classmethod
-    def _known_alp(cls, value: str | None) -> str | None:
-        if value is not None and value not in ALP_PRESETS:
-            raise ValueError(f"unknown ALP preset {value!r}; use one of {', '.join(ALP_PRESETS)} or leave it unset")
-        return value
-
-    @field_validator("extractor")
-    @classmethod
-    def _known_extractor(cls, value: str | None) -> str | None:
-        if value is not None and value not in available_extractors():
-            raise ValueError(f"unknown extractor {value!r}; use one of {', '.join(available_extractors())}")
-        return value
-
-    @field_validator("encoder_preset")
-    @classmethod
-    def _known_encoder_preset(cls, value: str) -> str:
-        if value not in ENCODER_PRESETS:
-            raise ValueError(f"unknown encoder preset {value!r}; use one of {', '.join(ENCODER_PRESETS)}")
+    def _one_of_its_choices(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """The fields with a ``choices`` list (the same list the CLI offers); unset (None) stays allowed."""
+        choices = cls.model_fields[info.field_name].json_schema_extra["choices"]
+        if value is not None and value not in choices:
+            name = info.field_name.replace("_", " ")
+            unset = " or leave it unset" if cls.model_fields[info.field_name].default is None else ""
+            raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(choices)}{unset}")
         return value
 
     @field_validator("allowed_schemes")

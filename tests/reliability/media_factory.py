@@ -91,7 +91,11 @@ def portrait(
         image.putalpha(Image.linear_gradient("L").resize(image.size))
     elif mode != "RGB":
         image = image.convert(mode)
-    kwargs = {}
+    return _save(image, path, fmt, exif_orientation)
+
+
+def _save(image: Image.Image, path: Path, fmt: str | None, exif_orientation: int, **kwargs) -> Path:
+    """Save with an EXIF orientation tag (0x0112) as phones write it, when one is given."""
     if exif_orientation:
         exif = Image.Exif()
         exif[0x0112] = exif_orientation
@@ -107,12 +111,7 @@ def phone_photo(
     EXIF orientation as phones write it."""
     image = Image.fromarray(astronaut_portrait(512)).resize(size, Image.Resampling.BILINEAR)
     kwargs: dict = {"quality": quality} if fmt == "JPEG" else {"compress_level": 1}
-    if exif_orientation:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        kwargs["exif"] = exif
-    image.save(path, format=fmt, **kwargs)
-    return path
+    return _save(image, path, fmt, exif_orientation, **kwargs)
 
 
 def corrupt_packets(source: Path, path: Path, packets: range = range(10, 14)) -> Path:
