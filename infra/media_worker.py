@@ -39,28 +39,15 @@ def mpx(pixels: int) -> str:
     return f"{pixels / 1e6:.1f} Mpx"
 
 
-def check_size(width: int, height: int, limits: dict, what: str) -> None:
-    """A video's frame size against ``max_input_pixels`` (an image's: :func:`check_image_size`)."""
-    if width * height > limits["max_input_pixels"]:
+def check_size(width: int, height: int, limits: dict, what: str, limit: str = "max_input_pixels") -> None:
+    """A frame size against a pixel limit and ``min_input_side``. Videos are held to ``max_input_pixels``; a still
+    image's header to ``max_image_pixels``: phone photos (12-50 Mpx) pass and are downscaled after decoding, and a
+    decompression bomb (a 20000² PNG of a few kB) is refused before a pixel is decoded."""
+    if width * height > limits[limit]:
         raise Rejected(
-            f"{width}x{height} exceeds max_input_pixels ({mpx(limits['max_input_pixels'])}); downscale the {what} "
-            "or raise --max-input-pixels"
+            f"{width}x{height} exceeds {limit} ({mpx(limits[limit])}); downscale the {what} or raise "
+            f"--{limit.replace('_', '-')}"
         )
-    check_min_side(width, height, limits)
-
-
-def check_image_size(width: int, height: int, limits: dict) -> None:
-    """A still image's header size against ``max_image_pixels``: phone photos (12-50 Mpx) pass and are downscaled
-    after decoding; a decompression bomb (a 20000² PNG of a few kB) is refused before a pixel is decoded."""
-    if width * height > limits["max_image_pixels"]:
-        raise Rejected(
-            f"{width}x{height} exceeds max_image_pixels ({mpx(limits['max_image_pixels'])}); downscale the image "
-            "or raise --max-image-pixels"
-        )
-    check_min_side(width, height, limits)
-
-
-def check_min_side(width: int, height: int, limits: dict) -> None:
     if min(width, height) < limits["min_input_side"]:
         raise Rejected(
             f"{width}x{height} is smaller than min_input_side ({limits['min_input_side']} px); a usable face needs "
@@ -89,7 +76,7 @@ def inspect_image(path: str, out_npy: str, limits: dict) -> dict:
     with image:
         if image.format not in ALLOWED_IMAGE_FORMATS:
             raise Rejected(f"image format {image.format} is not accepted; use PNG or JPEG")
-        check_image_size(*image.size, limits)
+        check_size(*image.size, limits, "image", limit="max_image_pixels")
         header_size = image.size
         target = working_size(*header_size, limits["max_input_pixels"])
         if target != header_size:
