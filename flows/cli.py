@@ -28,7 +28,7 @@ from . import deployments
 from . import render as render_module
 from .manifest import Job
 from .publishing import JobOutputs
-from .settings import RenderSettings, add_settings_options, settings_error_message, settings_from_args
+from .settings import add_settings_options, settings_error_message, settings_from_args
 from .watcher import MODES, STATE_NAME, ManifestVersion, ManifestWatcher
 
 
@@ -199,12 +199,8 @@ class _ProgressBars:
             bar.close()
 
 
-def _settings(args: argparse.Namespace) -> RenderSettings:
-    return settings_from_args(args)
-
-
 def _run_render(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     job = Job(
         id=args.id,
         reference=args.reference,
@@ -237,7 +233,7 @@ def _run_render(args: argparse.Namespace) -> int:
 
 
 def _run_batch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from_args(args)
     check_run([args.manifest], args.out)  # credentials and a writable output before anything starts (exit 2)
     if not storage.exists(args.manifest):
         raise ValueError(f"manifest {args.manifest} does not exist")

@@ -319,7 +319,7 @@ def add_settings_options(parser: argparse.ArgumentParser, defaults: dict[str, An
         annotation = info.annotation
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list) or name.startswith("allowed_"):
+        elif isinstance(default, list):
             kwargs.update(action="append", metavar=extra.get("metavar"))
         else:
             choices = extra.get("choices") or _literal_choices(annotation)
